@@ -1,0 +1,286 @@
+"""The YAML recipe: one file that describes a whole run, validated with key-named errors.
+
+All validation lives here. Every section forbids unknown keys, so a typo such as
+``epohcs`` is an error naming the key rather than a silently ignored setting. CLI options
+override recipe values through :func:`apply_overrides` using dotted keys
+(``train.epochs=5``), so the CLI and the recipe share one validator.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gslim.errors import GslimError
+
+DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: str = Field("mobilenet_v2", description="torchvision model builder name, e.g. resnet18")
+    weights: Optional[str] = Field(
+        None,
+        description="torchvision weights enum name (IMAGENET1K_V2, DEFAULT), a local checkpoint path, "
+        "or null for random init",
+    )
+    num_classes: int = Field(1000, ge=2)
+    input_size: int = Field(224, ge=16, le=1024)
+
+
+class DataConfig(_Section):
+    kind: Literal["fashion-mnist", "imagefolder", "synthetic"] = "fashion-mnist"
+    root: Optional[str] = Field(None, description="dataset directory; fashion-mnist defaults to Debian's path")
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    workers: int = Field(2, ge=0)
+    calib_images: int = Field(512, ge=1, description="images drawn from train for compression/calibration")
+    train_images: Optional[int] = Field(None, ge=1, description="use only this many training images")
+    val_images: Optional[int] = Field(None, ge=1, description="use only this many validation images")
+    synthetic_train: int = Field(512, ge=1)
+    synthetic_val: int = Field(256, ge=1)
+
+    def resolved_root(self) -> Optional[str]:
+        if self.root is None and self.kind == "fashion-mnist":
+            return DEFAULT_FASHION_MNIST
+        return self.root
+
+
+class DistillConfig(_Section):
+    teacher: Optional[str] = Field(None, description="teacher checkpoint; finetune defaults to the base model")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term (1-alpha on cross-entropy)")
+    temperature: float = Field(4.0, gt=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0, description="peak learning rate at batch_size 256 (scaled linearly)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(4e-5, ge=0.0)
+    warmup_epochs: float = Field(0.3, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    distill: Optional[DistillConfig] = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+
+
+class FinetuneConfig(TrainConfig):
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(0.02, gt=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)
+
+
+def _parse_budget(value: Any) -> Any:
+    """'50%' -> 0.5 (a fraction of the base model); '3.2e8' or 320000000 -> absolute count."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    s = str(value).strip()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", s)
+    if m:
+        return float(m.group(1)) / 100.0
+    try:
+        return float(s)
+    except ValueError as exc:
+        raise ValueError(f"expected a percentage like '50%' or a count, got {value!r}") from exc
+
+
+class CompressConfig(_Section):
+    criterion: Literal["greedy", "greedy-loss", "l1", "bn", "random", "uniform"] = "greedy"
+    eps: Optional[float] = Field(None, gt=0.0, lt=1.0, description="per-unit relative discrepancy tolerance")
+    target_macs: Optional[float] = Field(
+        None, gt=0.0, description="fraction (<=1, from '50%') or absolute MACs of the compressed model"
+    )
+    target_params: Optional[float] = Field(None, gt=0.0)
+    round_to: int = Field(8, ge=1)
+    min_width: int = Field(8, ge=1)
+    bn_recalib: bool = True
+    prune_residual: bool = Field(False, description="also prune residual-coupled stage widths")
+    ridge: float = Field(1e-3, ge=0.0, description="ridge, relative to the mean feature energy")
+    max_positions: int = Field(
+        200_000, ge=1000, description="spatial positions sampled per unit for the greedy statistics"
+    )
+    loss_batch: int = Field(64, ge=1, description="greedy-loss: calibration images scoring each candidate")
+    seed: Optional[int] = None
+
+    _pct = field_validator("target_macs", "target_params", mode="before")(_parse_budget)
+
+    @field_validator("target_macs", "target_params")
+    @classmethod
+    def _fraction_le_one(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and 1.0 < v < 1000:
+            raise ValueError("a fraction must be at most 100% (absolute counts must be >= 1000)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "CompressConfig":
+        given = [n for n in ("eps", "target_macs", "target_params") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of eps, target_macs, target_params (got {', '.join(given)})")
+        if self.round_to > 1 and self.min_width % self.round_to and self.min_width > self.round_to:
+            raise ValueError("min_width must be a multiple of round_to")
+        return self
+
+
+class ExportConfig(_Section):
+    opset: Optional[int] = Field(None, ge=11, le=23, description="ONNX opset; <=17 uses the TorchScript exporter")
+    dynamic_batch: bool = True
+    fp16_onnx: bool = False
+    engine: bool = False
+    precision: Literal["fp32", "fp16", "int8"] = "fp16"
+    tolerance: float = Field(1e-4, gt=0.0)
+    parity_images: int = Field(256, ge=1)
+    min_batch: int = Field(1, ge=1)
+    opt_batch: int = Field(8, ge=1)
+    max_batch: int = Field(32, ge=1)
+    workspace_mb: int = Field(2048, ge=16)
+    optimization_level: int = Field(3, ge=0, le=5)
+    dla_core: Optional[int] = Field(None, ge=0)
+
+
+BackendName = Literal["torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "trt"]
+
+
+class ProfileConfig(_Section):
+    backends: list[BackendName] = Field(default_factory=lambda: ["torch-cpu", "ort-cpu"])
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    threads: int = Field(1, ge=1)
+    warmup_s: float = Field(1.0, ge=0.0)
+    min_iters: int = Field(50, ge=1)
+    min_seconds: float = Field(2.0, ge=0.0)
+    rounds: int = Field(5, ge=1, description="interleaved rounds: base and compressed alternate")
+    fp16: bool = False
+    eval_images: Optional[int] = Field(None, ge=1, description="validation images scored per artifact")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be a non-empty list of positive integers")
+        return v
+
+
+class Recipe(_Section):
+    name: str = "run"
+    seed: int = 0
+    run_dir: Optional[str] = Field(None, description="defaults to runs/<name>")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: Optional[TrainConfig] = Field(None, description="present only when the base model must be trained")
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    sweep: Optional[list[Union[str, float]]] = Field(
+        None, description="extra MACs budgets for the trade-off plot, e.g. ['70%', '30%']"
+    )
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line naming the first offending key (and how many more there are)."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise GslimError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise GslimError(format_validation_error(exc, source)) from exc
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise GslimError(f"recipe not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise GslimError(f"{p} is not valid YAML{where}: {problem}") from exc
+    except UnicodeDecodeError as exc:
+        raise GslimError(f"{p} is not a text file") from exc
+
+
+def load_recipe(path: str | Path | None, overrides: Optional[dict[str, Any]] = None) -> Recipe:
+    """Read, override (dotted keys) and validate a recipe. ``path=None`` gives the defaults."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise GslimError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_recipe(data, source)
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of ``data`` with dotted keys set (``None`` values are skipped)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            if not isinstance(child, dict):
+                raise GslimError(f"cannot set {dotted}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def parse_set_options(items: Optional[list[str]]) -> dict[str, Any]:
+    """Parse ``--set key.path=value`` options; values are YAML scalars (``5``, ``true``, ``50%``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise GslimError(f"--set expects KEY=VALUE (e.g. train.epochs=5), got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return recipe.model_dump(mode="json")
