@@ -112,6 +112,9 @@ class CompressConfig(_Section):
         200_000, ge=1000, description="spatial positions sampled per unit for the greedy statistics"
     )
     loss_batch: int = Field(64, ge=1, description="greedy-loss: calibration images scoring each candidate")
+    loss_candidates: Optional[int] = Field(
+        None, ge=1, description="greedy-loss: candidates scored per step (default: stochastic-greedy sample)"
+    )
     seed: Optional[int] = None
 
     _pct = field_validator("target_macs", "target_params", mode="before")(_parse_budget)
@@ -139,7 +142,15 @@ class ExportConfig(_Section):
     fp16_onnx: bool = False
     engine: bool = False
     precision: Literal["fp32", "fp16", "int8"] = "fp16"
-    tolerance: float = Field(1e-4, gt=0.0)
+    tolerance: float = Field(
+        1e-4, gt=0.0, description="FP32 ONNX parity: max |ONNX Runtime - PyTorch|, times max(1, max|logit|)"
+    )
+    fp16_tolerance: float = Field(
+        1e-2, gt=0.0, description="FP16 ONNX parity, times max(1, max|logit|)"
+    )
+    engine_tolerance: Optional[float] = Field(
+        None, gt=0.0, description="engine vs ONNX Runtime, relative; null = per precision (fp32 1e-3, fp16 2e-2)"
+    )
     parity_images: int = Field(256, ge=1)
     min_batch: int = Field(1, ge=1)
     opt_batch: int = Field(8, ge=1)

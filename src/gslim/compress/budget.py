@@ -1,0 +1,205 @@
+"""Widths: a cost model of MACs/params as a function of unit widths, and the searches
+that turn a global budget into per-unit widths.
+
+MACs are counted the way fvcore counts them (one multiply-add per conv/linear weight
+use, 2 per BatchNorm element), so the model agrees with the fvcore totals reported
+at the end up to the width-independent remainder (pooling), which is added as an offset.
+
+Channel counts are rounded *up* to a multiple of ``round_to`` (tensor-core and INT8
+kernels run at multiples of 8 or 32; odd widths make real runtimes slower, not faster),
+never below ``min_width`` and never above the original width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from gslim.compress.units import Unit, UnitGraph
+from gslim.errors import GslimError
+
+
+@dataclass
+class _Layer:
+    kind: str  # conv, dw, linear, bn
+    in_unit: Optional[str]
+    out_unit: Optional[str]
+    cin: int
+    cout: int
+    groups: int
+    kk: int
+    spatial: int
+    bias: bool
+
+
+class CostModel:
+    """MACs and parameters of the model for any assignment of unit widths."""
+
+    def __init__(self, model: nn.Module, graph: UnitGraph, input_size: int, units: list[Unit]):
+        from gslim.models import count_macs_params
+
+        self.units = {u.name: u for u in units}
+        self.full = {u.name: u.width for u in units}
+        reads, writes, carries = {}, {}, {}
+        for u in units:
+            for m in u.readers:
+                reads[m] = u.name
+            for m in u.producers + u.gate_producers:
+                writes[m] = u.name
+            for m in u.members:
+                carries[m] = u.name
+        gm = graph.traced
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
+        mods = dict(gm.named_modules())
+        self.layers: list[_Layer] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            mod = mods[node.target]
+            shape = tuple(node.meta["tensor_meta"].shape)
+            spatial = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+            name = node.target
+            if isinstance(mod, nn.Conv2d):
+                kk = mod.kernel_size[0] * mod.kernel_size[1]
+                if name in carries:  # depthwise
+                    self.layers.append(_Layer("dw", carries[name], carries[name], mod.in_channels,
+                                              mod.out_channels, mod.groups, kk, spatial, mod.bias is not None))
+                else:
+                    self.layers.append(_Layer("conv", reads.get(name), writes.get(name), mod.in_channels,
+                                              mod.out_channels, mod.groups, kk, spatial, mod.bias is not None))
+            elif isinstance(mod, nn.Linear):
+                self.layers.append(_Layer("linear", reads.get(name), writes.get(name), mod.in_features,
+                                          mod.out_features, 1, 1, 1, mod.bias is not None))
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                u = carries.get(name)
+                self.layers.append(_Layer("bn", u, u, mod.num_features, mod.num_features, 1, 1, spatial, True))
+        base_macs, base_params = count_macs_params(model, input_size)
+        self.macs_offset = base_macs - self._macs(self.full)
+        self.params_offset = base_params - self._params(self.full)
+
+    def _w(self, widths: dict[str, int], unit: Optional[str], default: int) -> int:
+        return widths.get(unit, default) if unit is not None else default
+
+    def _macs(self, widths: dict[str, int]) -> float:
+        total = 0.0
+        for ly in self.layers:
+            cin = self._w(widths, ly.in_unit, ly.cin)
+            cout = self._w(widths, ly.out_unit, ly.cout)
+            if ly.kind == "conv":
+                total += cout * (cin // ly.groups if ly.groups > 1 else cin) * ly.kk * ly.spatial
+            elif ly.kind == "dw":
+                total += cout * ly.kk * ly.spatial
+            elif ly.kind == "linear":
+                total += cin * cout
+            else:
+                total += 2 * cout * ly.spatial
+        return total
+
+    def _params(self, widths: dict[str, int]) -> float:
+        total = 0.0
+        for ly in self.layers:
+            cin = self._w(widths, ly.in_unit, ly.cin)
+            cout = self._w(widths, ly.out_unit, ly.cout)
+            if ly.kind == "conv":
+                total += cout * (cin // ly.groups if ly.groups > 1 else cin) * ly.kk + (cout if ly.bias else 0)
+            elif ly.kind == "dw":
+                total += cout * ly.kk + (cout if ly.bias else 0)
+            elif ly.kind == "linear":
+                total += cin * cout + (cout if ly.bias else 0)
+            else:
+                total += 2 * cout
+        return total
+
+    def macs(self, widths: dict[str, int]) -> float:
+        return self._macs(widths) + self.macs_offset
+
+    def params(self, widths: dict[str, int]) -> float:
+        return self._params(widths) + self.params_offset
+
+
+def round_width(k: int, full: int, round_to: int, min_width: int) -> int:
+    """Round up to a multiple of ``round_to``; at least ``min_width``; at most ``full``."""
+    k = max(k, 1, min(min_width, full))
+    if round_to > 1:
+        k = int(math.ceil(k / round_to) * round_to)
+    return min(k, full)
+
+
+@dataclass
+class Budget:
+    metric: str  # "macs" or "params"
+    target: float  # absolute count
+
+    def measure(self, cost: CostModel, widths: dict[str, int]) -> float:
+        return cost.macs(widths) if self.metric == "macs" else cost.params(widths)
+
+
+def resolve_budget(cost: CostModel, target_macs: Optional[float], target_params: Optional[float]) -> Budget:
+    if target_params is not None:
+        base = cost.params(cost.full)
+        return Budget("params", target_params * base if target_params <= 1 else target_params)
+    base = cost.macs(cost.full)
+    t = 0.5 if target_macs is None else target_macs
+    return Budget("macs", t * base if t <= 1 else t)
+
+
+def _search(widths_at: Callable[[float], dict[str, int]], budget: Budget, cost: CostModel,
+            lo: float, hi: float, increasing: bool) -> tuple[float, dict[str, int]]:
+    """Bisection on a scalar knob so that the cost is at most the budget, as large as possible.
+
+    ``increasing``: the cost grows with the knob (a keep ratio); otherwise it shrinks (eps).
+    """
+    floor = widths_at(lo if increasing else hi)
+    if budget.measure(cost, floor) > budget.target * (1 + 1e-9):
+        smallest = budget.measure(cost, floor)
+        base = budget.measure(cost, cost.full)
+        raise GslimError(
+            f"target {budget.metric} {budget.target:,.0f} ({100 * budget.target / base:.1f}% of the model) is "
+            f"unreachable: at the minimum widths the model still has {smallest:,.0f} "
+            f"({100 * smallest / base:.1f}%); lower compress.min_width or round_to, or raise the target"
+        )
+    good = lo if increasing else hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        ok = budget.measure(cost, widths_at(mid)) <= budget.target
+        if ok == increasing:
+            lo = mid
+        else:
+            hi = mid
+        good = lo if increasing else hi
+    return good, widths_at(good)
+
+
+def uniform_widths(cost: CostModel, budget: Budget, round_to: int, min_width: int) -> tuple[float, dict[str, int]]:
+    """The same keep ratio in every unit, as large as the budget allows."""
+    def at(r: float) -> dict[str, int]:
+        return {n: round_width(int(math.ceil(r * c)), c, round_to, min_width) for n, c in cost.full.items()}
+
+    return _search(at, budget, cost, 0.0, 1.0, increasing=True)
+
+
+def widths_for_eps(curves: dict[str, list[float]], full: dict[str, int], eps: float,
+                   round_to: int, min_width: int) -> dict[str, int]:
+    """Per unit, the fewest channels whose relative error is at most eps (then rounded)."""
+    out = {}
+    for name, curve in curves.items():
+        k = next((i + 1 for i, e in enumerate(curve) if e <= eps), full[name])
+        out[name] = round_width(k, full[name], round_to, min_width)
+    return out
+
+
+def eps_widths(cost: CostModel, budget: Budget, curves: dict[str, list[float]], round_to: int,
+               min_width: int) -> tuple[float, dict[str, int]]:
+    """The smallest eps whose per-unit widths fit the budget (searched on a log scale)."""
+    def at(log_eps: float) -> dict[str, int]:
+        return widths_for_eps(curves, cost.full, 10.0 ** log_eps, round_to, min_width)
+
+    log_eps, widths = _search(at, budget, cost, -9.0, 0.0, increasing=False)
+    return 10.0 ** log_eps, widths

@@ -1,0 +1,144 @@
+"""Greedy forward selection with re-fitting, as linear algebra on second-order statistics.
+
+A unit's consumer computes ``Y = X W`` where the rows of X are positions and its
+columns come in groups, one group per input channel (1 column for a 1x1 conv or a
+Linear, k*k columns for a k x k conv, as ``F.unfold`` lays them out). Selecting a set
+S of channels and re-fitting W by least squares leaves the error
+
+    E(S) = ||Y||^2 - B_S^T G_SS^-1 B_S,       G = X^T X (+ ridge),  B = X^T Y.
+
+Greedy optimization (Ye, Wu & Liu, NeurIPS 2020) adds, one group at a time, the group
+whose addition lowers E(S) the most, re-fitting after each step. That is orthogonal
+matching pursuit over groups, done here entirely in Gram space: V holds X^T q for the
+orthonormal basis q of the selected columns, ``c`` the part of B not yet explained and
+``R`` each candidate's residual Gram block, so every step costs O(F * K * g) with no
+pass over the data. The drop in error from adding group j is tr(c_j^T R_j^-1 c_j).
+
+Several consumers reading the same channels (a residual stream, or a stem read by a
+block and its shortcut) keep one state each and are scored jointly: the chosen channel
+is the one that lowers the *sum* of their errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Stats:
+    """Second-order statistics of one consumer (float64)."""
+
+    G: torch.Tensor  # (F, F)
+    B: torch.Tensor  # (F, O)
+    yy: float        # ||Y||^2
+    group: int       # columns per channel
+    rows: int = 0
+
+    @property
+    def channels(self) -> int:
+        return self.G.shape[0] // self.group
+
+
+class _GroupOmpState:
+    def __init__(self, st: Stats, ridge: float, capacity: int):
+        g, F = st.group, st.G.shape[0]
+        self.g, self.C = g, F // g
+        lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
+        self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype)
+        self.c = st.B.clone()
+        idx = torch.arange(self.C)
+        blocks = self.Gr.view(self.C, g, self.C, g)[idx, :, idx, :]  # (C, g, g) diagonal blocks
+        self.R = blocks.clone()
+        self.V = torch.zeros(F, capacity * g, dtype=st.G.dtype)
+        self.k = 0
+        self.err = float(st.yy)
+        self.yy = float(st.yy)
+
+    def scores(self) -> torch.Tensor:
+        if self.g == 1:
+            return self.c.pow(2).sum(1) / self.R.view(-1).clamp_min(1e-30)
+        cj = self.c.view(self.C, self.g, -1)
+        sol = torch.linalg.inv(self.R) @ cj  # R is small and well conditioned (ridge); inv is faster
+        return (cj * sol).sum((1, 2))
+
+    def add(self, s: int) -> None:
+        g = self.g
+        sl = slice(s * g, (s + 1) * g)
+        used = self.V[:, : self.k * g]
+        cols = self.Gr[:, sl] - used @ used[sl].T                      # (F, g)
+        if g == 1:  # scalar Cholesky factor: avoid the triangular solves
+            root = float(self.R[s].clamp_min(1e-30).sqrt())
+            v, u = cols / root, self.c[sl] / root
+        else:
+            L = torch.linalg.cholesky(self.R[s])
+            v = torch.linalg.solve_triangular(L, cols.T, upper=False).T     # (F, g)
+            u = torch.linalg.solve_triangular(L, self.c[sl], upper=False)   # (g, O)
+        self.c -= v @ u
+        vb = v.view(self.C, g, g)
+        self.R -= vb @ vb.transpose(1, 2)
+        self.R[s] = torch.eye(g, dtype=self.R.dtype)  # selected: residual is zero; keep solves regular
+        self.V[:, self.k * g : (self.k + 1) * g] = v
+        self.k += 1
+        self.err -= float(u.pow(2).sum())
+
+
+def greedy_select(
+    stats: list[Stats],
+    k: Optional[int] = None,
+    eps: Optional[float] = None,
+    ridge: float = 1e-3,
+    min_k: int = 1,
+) -> tuple[list[int], list[float]]:
+    """Greedy forward selection over channels shared by ``stats`` (one per consumer).
+
+    Stops after ``k`` channels, or at the first size whose relative error (summed over
+    consumers) is at most ``eps``; with neither, runs the whole path. Returns the channels
+    in the order they were added and the relative error after each addition.
+    """
+    C = stats[0].channels
+    if any(st.channels != C for st in stats):
+        raise ValueError("all consumers of a unit must read the same number of channels")
+    limit = C if k is None else min(k, C)
+    states = [_GroupOmpState(st, ridge, limit) for st in stats]
+    total = sum(s.yy for s in states) or 1.0
+    chosen: list[int] = []
+    taken = torch.zeros(C, dtype=torch.bool)
+    path: list[float] = []
+    while len(chosen) < limit:
+        score = sum(s.scores() for s in states)
+        score = torch.where(taken, torch.full_like(score, -float("inf")), score)
+        j = int(torch.argmax(score))
+        for s in states:
+            s.add(j)
+        chosen.append(j)
+        taken[j] = True
+        rel = max(sum(s.err for s in states), 0.0) / total
+        path.append(rel)
+        if eps is not None and rel <= eps and len(chosen) >= min_k:
+            break
+    return chosen, path
+
+
+def refit(st: Stats, keep: list[int], ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """Least-squares consumer weights for the kept channels (in the given order) and the exact
+    relative error they leave (without the ridge term). Returns W of shape (len(keep)*g, O)."""
+    g = st.group
+    cols = torch.cat([torch.arange(j * g, (j + 1) * g) for j in keep])
+    G = st.G[cols][:, cols]
+    B = st.B[cols]
+    lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
+    W = torch.linalg.solve(G + lam * torch.eye(len(cols), dtype=G.dtype), B)
+    err = st.yy - 2.0 * float((W * B).sum()) + float((W * (G @ W)).sum())
+    return W, max(err, 0.0) / (st.yy or 1.0)
+
+
+def subset_error(st: Stats, keep: list[int], W: torch.Tensor) -> float:
+    """Relative error of given consumer weights W (rows for ``keep``'s columns)."""
+    g = st.group
+    cols = torch.cat([torch.arange(j * g, (j + 1) * g) for j in keep])
+    G, B = st.G[cols][:, cols], st.B[cols]
+    err = st.yy - 2.0 * float((W * B).sum()) + float((W * (G @ W)).sum())
+    return max(err, 0.0) / (st.yy or 1.0)

@@ -1,0 +1,446 @@
+"""Channel selection criteria and the compression driver.
+
+Criteria (one interface, same units, same surgery):
+
+* ``greedy`` — greedy optimization (Ye, Wu & Liu, NeurIPS 2020): units are processed
+  from input to output; each starts from the empty set and adds the channel that most
+  lowers the squared discrepancy between its consumer's output and the *original*
+  network's, with the consumer re-fitted by ridge least squares after every addition
+  (:mod:`gslim.compress.omp`). Features come from the network pruned so far, targets
+  from the original network, so errors do not accumulate.
+* ``greedy-loss`` — greedy forward selection (Ye et al., ICML 2020): add the channel
+  that most lowers the network's loss on a calibration mini-batch. The block input is
+  cached, only the rest of the network runs, and candidates are scored many per forward.
+  Each step scores a random sample of the remaining candidates ("stochastic greedy",
+  Mirzasoleiman et al., AAAI 2015: size (C/k) ln(1/delta) keeps the (1 - 1/e - delta)
+  guarantee in expectation) unless ``loss_candidates`` asks for all of them.
+* ``l1`` (filter magnitude), ``bn`` (BatchNorm |gamma|), ``random`` and ``uniform`` (keep
+  the first channels, i.e. a narrower network) — baselines without re-fitting.
+
+Widths come from eps (greedy: per unit, the fewest channels with relative error <= eps),
+or from a MACs/params budget: greedy spreads it by searching eps on error curves measured
+on the original network, the others by one uniform keep ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gslim.compress import budget as budget_mod
+from gslim.compress.calibrate import (
+    Hooks,
+    Segment,
+    StatsAccumulator,
+    build_segments,
+    consumer_rows,
+    cut_points,
+    kernel_group,
+    recalibrate_bn,
+    row_fraction,
+    split_batches,
+    target_rows,
+    unit_span,
+)
+from gslim.compress.omp import Stats, greedy_select, refit
+from gslim.compress.slim import slim_unit
+from gslim.compress.units import Unit, UnitGraph, find_units
+from gslim.errors import GslimError
+from gslim.recipe import CompressConfig
+
+CRITERIA = ("greedy", "greedy-loss", "l1", "bn", "random", "uniform")
+Progress = Optional[Callable[[str, int, int], None]]  # (unit name, done, total)
+
+
+@dataclass
+class UnitReport:
+    name: str
+    kind: str
+    width: int
+    kept: int
+    order: list[int]  # kept channel indices, in the order they were selected (greedy) or ranked
+    rel_error: Optional[float] = None  # consumer discrepancy after selection (+ re-fit)
+    consumers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    widths: dict[str, int]  # unit name -> kept width, for every unit that was narrowed
+    units: list[UnitReport]
+    skipped: list[tuple[str, str]]
+    criterion: str
+    eps: Optional[float]
+    keep_ratio: Optional[float]
+    budget: Optional[dict]
+    seconds: float
+    calib_images: int
+
+    def to_json(self) -> dict:
+        return {
+            "criterion": self.criterion,
+            "eps": self.eps,
+            "keep_ratio": self.keep_ratio,
+            "budget": self.budget,
+            "seconds": round(self.seconds, 3),
+            "calib_images": self.calib_images,
+            "widths": self.widths,
+            "units": [asdict(u) for u in self.units],
+            "left_alone": [{"channels": d, "reason": r} for d, r in self.skipped],
+        }
+
+
+def compress_model(
+    model: nn.Module,
+    input_size: int,
+    calib_x: torch.Tensor,
+    calib_y: Optional[torch.Tensor],
+    cfg: CompressConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: Progress = None,
+) -> CompressionResult:
+    """Select channels with ``cfg.criterion`` and return a physically slimmed copy of ``model``."""
+    t0 = time.perf_counter()
+    if cfg.criterion not in CRITERIA:
+        raise GslimError(f"unknown criterion {cfg.criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if cfg.eps is not None and cfg.criterion != "greedy":
+        raise GslimError("compress.eps applies to the greedy criterion; use target_macs/target_params")
+    if cfg.criterion == "greedy-loss" and calib_y is None:
+        raise GslimError("greedy-loss needs labelled calibration images")
+    seed = cfg.seed if cfg.seed is not None else seed
+    gen = torch.Generator().manual_seed(seed)
+    original = model.eval()
+    work = copy.deepcopy(model).eval()
+    batches = split_batches(calib_x, batch_size)
+    graph = find_units(work, input_size, include_residual=cfg.prune_residual)
+    units = graph.units
+    if not units:
+        raise GslimError("found no prunable channel groups in this model")
+    full = {u.name: u.width for u in units}
+
+    widths: Optional[dict[str, int]] = None
+    eps, ratio, budget_info = cfg.eps, None, None
+    if cfg.eps is None:
+        cost = budget_mod.CostModel(work, graph, input_size, units)
+        budget = budget_mod.resolve_budget(cost, cfg.target_macs, cfg.target_params)
+        if cfg.criterion == "greedy":
+            curves = _planning_curves(original, graph, units, batches, cfg, gen)
+            eps, widths = budget_mod.eps_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
+        else:
+            ratio, widths = budget_mod.uniform_widths(cost, budget, cfg.round_to, cfg.min_width)
+        base = budget.measure(cost, cost.full)
+        budget_info = {"metric": budget.metric, "target": budget.target, "target_fraction": budget.target / base,
+                       "planned": budget.measure(cost, widths), "planned_fraction": budget.measure(cost, widths) / base}
+
+    if cfg.criterion == "greedy":
+        reports = _run_greedy(original, work, graph, units, batches, cfg, widths, gen, progress)
+    elif cfg.criterion == "greedy-loss":
+        reports = _run_greedy_loss(work, graph, units, batches, calib_y, cfg, widths, gen, progress)
+    else:
+        reports = _run_ranking(work, units, cfg.criterion, widths, gen, progress)
+
+    if cfg.bn_recalib:
+        recalibrate_bn(work, batches)
+    narrowed = {u.name: u.width for u in units if u.width < full[u.name]}
+    return CompressionResult(
+        model=work.eval(), widths=narrowed, units=reports, skipped=graph.skipped, criterion=cfg.criterion,
+        eps=eps, keep_ratio=ratio, budget=budget_info, seconds=time.perf_counter() - t0,
+        calib_images=int(calib_x.shape[0]),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# greedy (OMP with re-fit)
+
+
+def _max_rows(cfg: CompressConfig, mod: nn.Module, channels: int) -> int:
+    # enough positions for a well-posed fit (16 per unknown), capped for speed
+    return min(cfg.max_positions, max(16 * channels * kernel_group(mod), 4096))
+
+
+def _planning_curves(original: nn.Module, graph: UnitGraph, units: list[Unit], batches: list[torch.Tensor],
+                     cfg: CompressConfig, gen: torch.Generator) -> dict[str, list[float]]:
+    """Per-unit error-vs-width curves on the original network, from one pass over the data.
+
+    They only allocate the budget across units (through eps); the channels themselves are
+    chosen afterwards on the progressively pruned network.
+    """
+    mods = dict(original.named_modules())
+    accs: dict[tuple[str, str], StatsAccumulator] = {}
+    captured: dict[str, torch.Tensor] = {}
+    with Hooks() as hooks:
+        for u in units:
+            for c in u.consumers:
+                mod = mods[c]
+
+                def pre(m, args, c=c):
+                    captured[c] = args[0]
+
+                def post(m, args, out, c=c, u=u):
+                    key = (u.name, c)
+                    if key not in accs:
+                        frac = row_fraction(m, captured[c].shape, sum(b.shape[0] for b in batches),
+                                            _max_rows(cfg, m, u.width))
+                        accs[key] = StatsAccumulator(frac, gen)
+                    accs[key].add(consumer_rows(m, captured[c]), target_rows(m, out))
+
+                hooks.pre(mod, pre)
+                hooks.post(mod, post)
+        with torch.no_grad():
+            for x in batches:
+                original(x)
+    curves = {}
+    for u in units:
+        stats = [accs[(u.name, c)].result(kernel_group(mods[c])) for c in u.consumers]
+        # the curve only needs to resolve errors down to ~1e-4: below that every budget keeps all
+        _, path = greedy_select(stats, eps=1e-4, ridge=cfg.ridge)
+        curves[u.name] = path
+    return curves
+
+
+def _segments_for(graph: UnitGraph, units: list[Unit], root: nn.Module) -> list[Segment]:
+    spans = [unit_span(u, graph.node_index, graph.consumer_node) for u in units]
+    return build_segments(graph.traced, cut_points(graph.traced, spans), root)
+
+
+def _run_greedy(original: nn.Module, work: nn.Module, graph: UnitGraph, units: list[Unit],
+                batches: list[torch.Tensor], cfg: CompressConfig, widths: Optional[dict[str, int]],
+                gen: torch.Generator, progress: Progress) -> list[UnitReport]:
+    internal = [u for u in units if u.kind == "internal"]
+    residual = [u for u in units if u.kind == "residual"]
+    orig_segs = _segments_for(graph, internal, original)
+    work_segs = _segments_for(graph, internal, work)
+    by_segment: dict[int, list[Unit]] = {}
+    for u in internal:
+        end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
+        s = next(i for i, seg in enumerate(work_segs) if seg.start < end <= seg.end)
+        by_segment.setdefault(s, []).append(u)
+    omods, wmods = dict(original.named_modules()), dict(work.named_modules())
+    n_images = sum(b.shape[0] for b in batches)
+    reports: list[UnitReport] = []
+    done = 0
+    orig_act, work_act = list(batches), list(batches)
+    with torch.no_grad():
+        for s, (oseg, wseg) in enumerate(zip(orig_segs, work_segs)):
+            for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
+                accs: dict[str, StatsAccumulator] = {}
+                captured: dict[str, torch.Tensor] = {}
+                with Hooks() as hooks:
+                    for c in u.consumers:
+                        hooks.pre(wmods[c], lambda m, a, c=c: captured.__setitem__(("x", c), a[0]))
+                        hooks.post(omods[c], lambda m, a, o, c=c: captured.__setitem__(("y", c), o))
+                    for xo, xw in zip(orig_act, work_act):
+                        oseg.module(xo)
+                        wseg.module(xw)
+                        for c in u.consumers:
+                            if c not in accs:
+                                frac = row_fraction(wmods[c], captured[("x", c)].shape, n_images,
+                                                    _max_rows(cfg, wmods[c], u.width))
+                                accs[c] = StatsAccumulator(frac, gen)
+                            accs[c].add(consumer_rows(wmods[c], captured[("x", c)]),
+                                        target_rows(omods[c], captured[("y", c)]))
+                stats = [accs[c].result(kernel_group(wmods[c])) for c in u.consumers]
+                k = widths.get(u.name, u.width) if widths is not None else None
+                reports.append(_select_and_refit(work, u, stats, k, cfg, wmods))
+                done += 1
+                if progress:
+                    progress(u.name, done, len(units))
+            orig_act = [oseg.module(x) for x in orig_act]
+            work_act = [wseg.module(x) for x in work_act]
+    if residual:
+        reports += _run_greedy_residual(work, residual, batches, cfg, widths, gen, progress, done, len(units))
+    return reports
+
+
+def _select_and_refit(work: nn.Module, u: Unit, stats: list[Stats], k: Optional[int], cfg: CompressConfig,
+                      wmods: dict[str, nn.Module]) -> UnitReport:
+    width = u.width
+    if k is not None and k >= width:
+        order = list(range(width))
+    else:
+        order, path = greedy_select(stats, k=k, eps=cfg.eps if k is None else None, ridge=cfg.ridge)
+        if k is None:  # eps-driven: round the count up, adding the next greedy choices
+            kr = budget_mod.round_width(len(order), width, cfg.round_to, cfg.min_width)
+            if kr > len(order):
+                order, _ = greedy_select(stats, k=kr, ridge=cfg.ridge)
+    keep = sorted(order)
+    errors, new_weights = [], {}
+    for c, st in zip(u.consumers, stats):
+        W, err = refit(st, keep, ridge=cfg.ridge)
+        errors.append((err, st.yy))
+        mod = wmods[c]
+        if isinstance(mod, nn.Linear):
+            new_weights[c] = W.T.to(mod.weight.dtype).contiguous()
+        else:
+            kh, kw = mod.kernel_size
+            new_weights[c] = W.T.reshape(mod.out_channels, len(keep), kh, kw).to(mod.weight.dtype).contiguous()
+    slim_unit(work, u, keep, consumers=False)
+    for c, w in new_weights.items():
+        mod = wmods[c]
+        mod.weight = nn.Parameter(w, requires_grad=mod.weight.requires_grad)
+        if isinstance(mod, nn.Linear):
+            mod.in_features = len(keep)
+        else:
+            mod.in_channels = len(keep)
+    total = sum(yy for _, yy in errors) or 1.0
+    rel = sum(e * yy for e, yy in errors) / total
+    return UnitReport(u.name, u.kind, width, len(keep), [int(i) for i in order], float(rel), list(u.consumers))
+
+
+def _run_greedy_residual(work: nn.Module, residual: list[Unit], batches: list[torch.Tensor],
+                         cfg: CompressConfig, widths: Optional[dict[str, int]], gen: torch.Generator,
+                         progress: Progress, done: int, total: int) -> list[UnitReport]:
+    """Residual-coupled stage widths: one pass per stream over the (already pruned) network,
+    all readers of the stream scored jointly and re-fitted to their own current outputs."""
+    wmods = dict(work.named_modules())
+    n_images = sum(b.shape[0] for b in batches)
+    reports = []
+    for u in residual:
+        accs: dict[str, StatsAccumulator] = {}
+        with Hooks() as hooks, torch.no_grad():
+            for c in u.consumers:
+                def post(m, a, o, c=c):
+                    if c not in accs:
+                        accs[c] = StatsAccumulator(
+                            row_fraction(m, a[0].shape, n_images, _max_rows(cfg, m, u.width)), gen)
+                    accs[c].add(consumer_rows(m, a[0]), target_rows(m, o))
+                hooks.post(wmods[c], post)
+            for x in batches:
+                work(x)
+        stats = [accs[c].result(kernel_group(wmods[c])) for c in u.consumers]
+        k = widths.get(u.name, u.width) if widths is not None else None
+        reports.append(_select_and_refit(work, u, stats, k, cfg, wmods))
+        done += 1
+        if progress:
+            progress(u.name, done, total)
+    return reports
+
+
+# ---------------------------------------------------------------------------------------
+# greedy-loss (ICML 2020): forward selection on the network's loss
+
+
+def _run_greedy_loss(work: nn.Module, graph: UnitGraph, units: list[Unit], batches: list[torch.Tensor],
+                     labels: torch.Tensor, cfg: CompressConfig, widths: dict[str, int],
+                     gen: torch.Generator, progress: Progress) -> list[UnitReport]:
+    if any(u.kind == "residual" for u in units):
+        raise GslimError("greedy-loss selects block-internal channels only; set compress.prune_residual: false")
+    segs = _segments_for(graph, units, work)
+    wmods = dict(work.named_modules())
+    n = min(cfg.loss_batch, sum(b.shape[0] for b in batches))
+    x_loss = torch.cat(batches)[:n]
+    y_loss = labels[:n]
+    by_segment: dict[int, list[Unit]] = {}
+    for u in units:
+        end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
+        s = next(i for i, seg in enumerate(segs) if seg.start < end <= seg.end)
+        by_segment.setdefault(s, []).append(u)
+    reports, done = [], 0
+    act = x_loss
+    with torch.no_grad():
+        for s, seg in enumerate(segs):
+            for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
+                width = u.width
+                k = widths.get(u.name, width)
+                if k < width:
+                    order = _loss_forward_selection(u, k, act, y_loss, segs[s:], wmods, cfg, gen)
+                    slim_unit(work, u, sorted(order))
+                else:
+                    order = list(range(width))
+                reports.append(UnitReport(u.name, u.kind, width, len(order), [int(i) for i in order], None,
+                                          list(u.consumers)))
+                done += 1
+                if progress:
+                    progress(u.name, done, len(units))
+            act = seg.module(act)
+    return reports
+
+
+def _loss_forward_selection(u: Unit, k: int, x: torch.Tensor, y: torch.Tensor, rest: list[Segment],
+                            wmods: dict[str, nn.Module], cfg: CompressConfig, gen: torch.Generator) -> list[int]:
+    C = u.width
+    selected: list[int] = []
+    mask_state = {"masks": None}
+
+    def masked_input(m, args):
+        masks = mask_state["masks"]  # (n_cand, C)
+        inp = args[0]
+        nc = masks.shape[0]
+        shaped = inp.view(nc, -1, *inp.shape[1:])
+        view = [nc, 1, C] + [1] * (inp.dim() - 2)
+        return (shaped * masks.view(view)).view_as(inp)
+
+    sample = cfg.loss_candidates or max(1, math.ceil(C / k * math.log(100.0)))
+    per_forward = max(1, 4096 // max(1, x.shape[0]))  # candidates evaluated in one batched forward
+    with Hooks() as hooks:
+        for c in u.readers:
+            hooks.pre(wmods[c], masked_input)
+        base = torch.zeros(C)
+        while len(selected) < k:
+            remaining = torch.tensor([j for j in range(C) if j not in set(selected)])
+            if sample < remaining.numel():
+                remaining = remaining[torch.randperm(remaining.numel(), generator=gen)[:sample]]
+            best_j, best_loss = None, float("inf")
+            for chunk in remaining.split(per_forward):
+                masks = base.repeat(chunk.numel(), 1)
+                masks[torch.arange(chunk.numel()), chunk] = 1.0
+                mask_state["masks"] = masks
+                h = x.repeat(chunk.numel(), *[1] * (x.dim() - 1))
+                for seg in rest:
+                    h = seg.module(h)
+                losses = F.cross_entropy(h, y.repeat(chunk.numel()), reduction="none").view(chunk.numel(), -1)
+                mean = losses.mean(1)
+                i = int(torch.argmin(mean))
+                if float(mean[i]) < best_loss:
+                    best_loss, best_j = float(mean[i]), int(chunk[i])
+            selected.append(best_j)
+            base[best_j] = 1.0
+    return selected
+
+
+# ---------------------------------------------------------------------------------------
+# ranking baselines
+
+
+def _scores(work: nn.Module, u: Unit, criterion: str, gen: torch.Generator) -> torch.Tensor:
+    if criterion == "l1":
+        total = torch.zeros(u.width)
+        for p in u.producers:
+            w = work.get_submodule(p).weight.detach()
+            total += w.abs().reshape(w.shape[0], -1).sum(1)
+        return total
+    if criterion == "bn":
+        total = torch.zeros(u.width)
+        bns = [m for m in u.members if isinstance(work.get_submodule(m), nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            raise GslimError(f"criterion 'bn' needs a BatchNorm in unit {u.name}")
+        for m in bns:
+            total += work.get_submodule(m).weight.detach().abs()
+        return total
+    if criterion == "random":
+        return torch.rand(u.width, generator=gen)
+    return -torch.arange(u.width, dtype=torch.float32)  # uniform: keep the first channels
+
+
+def _run_ranking(work: nn.Module, units: list[Unit], criterion: str, widths: dict[str, int],
+                 gen: torch.Generator, progress: Progress) -> list[UnitReport]:
+    reports = []
+    for i, u in enumerate(units):
+        width = u.width
+        k = widths.get(u.name, width)
+        order = torch.argsort(_scores(work, u, criterion, gen), descending=True, stable=True)[:k].tolist()
+        if k < width:
+            slim_unit(work, u, sorted(order))
+        reports.append(UnitReport(u.name, u.kind, width, k, [int(j) for j in order], None, list(u.consumers)))
+        if progress:
+            progress(u.name, i + 1, len(units))
+    return reports

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny synthetic recipes and an in-process CLI runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import yaml
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# Small enough for a 2-core CPU: 32x32 synthetic images, 4 classes, a few batches per epoch.
+TINY_RECIPE: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"arch": "mobilenet_v2", "num_classes": 4, "input_size": 32},
+    "data": {"kind": "synthetic", "batch_size": 16, "workers": 0, "synthetic_train": 64, "synthetic_val": 32,
+             "calib_images": 32},
+    "train": {"epochs": 1, "lr": 0.4, "warmup_epochs": 0.5, "device": "cpu"},
+}
+
+
+def tiny_recipe_dict(overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """TINY_RECIPE with dotted-key overrides applied (``{"train.epochs": 2}``; a None value deletes)."""
+    import copy
+
+    data = copy.deepcopy(TINY_RECIPE)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return data
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_recipe({"train.epochs": 2}, name="r.yaml")`` writes a tiny recipe YAML.
+
+    The recipe's run_dir is ``tmp_path/"run"`` unless overridden.
+    """
+
+    def _make(overrides: Optional[dict[str, Any]] = None, name: str = "recipe.yaml") -> Path:
+        merged = {"run_dir": str(tmp_path / "run"), **(overrides or {})}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(tiny_recipe_dict(merged), sort_keys=False))
+        return path
+
+    return _make
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture) -> Callable[[list[str]], CliResult]:
+    """Run ``gslim ARGS`` in-process through ``gslim.cli.main``; returns exit code, stdout, stderr."""
+    from gslim import cli
+
+    def _run(args: list[str]) -> CliResult:
+        capsys.readouterr()  # drop anything printed before
+        saved = dict(cli._STATE)
+        try:
+            cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            cli._STATE.update(saved)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return _run

@@ -1,0 +1,239 @@
+"""Units, slimming, greedy selection and the compress CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from gslim.compress.omp import Stats, greedy_select, refit
+from gslim.compress.select import compress_model
+from gslim.compress.slim import masked_copy, slim_unit
+from gslim.compress.units import find_units
+from gslim.errors import GslimError
+from gslim.models import ModelSpec, count_macs_params, load_model, save_checkpoint
+from gslim.recipe import CompressConfig
+
+SIX = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet34", "resnet50"]
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", SIX + ["efficientnet_b0", "mnasnet0_5"])
+def test_slimmed_equals_masked(arch):
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.get_model(arch, num_classes=10))
+    graph = find_units(model, 32)
+    kinds = {u.kind for u in graph.units}
+    assert "internal" in kinds and "residual" in kinds
+    g = torch.Generator().manual_seed(1)
+    keeps = {u.name: torch.randperm(u.width, generator=g)[: max(1, u.width // 3)] for u in graph.units}
+    masked = masked_copy(model, [(u, keeps[u.name]) for u in graph.units])
+    slim = copy.deepcopy(model)
+    for u in find_units(slim, 32).units:
+        slim_unit(slim, u, keeps[u.name])
+    assert sum(p.numel() for p in slim.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (slim(x) - masked(x)).abs().max() <= 1e-5
+
+
+def test_grouped_convs_and_se_bottlenecks_are_left_alone_with_reasons():
+    graph = find_units(torchvision.models.get_model("regnet_y_400mf", num_classes=10), 32)
+    reasons = " ".join(r for _, r in graph.skipped)
+    assert "grouped conv" in reasons and "squeeze-and-excitation" in reasons
+    assert any(u.kind == "residual" for u in graph.units)
+
+
+def _lstsq_error(X, Y, cols):
+    W = torch.linalg.lstsq(X[:, cols], Y).solution
+    return float(((Y - X[:, cols] @ W) ** 2).sum() / (Y**2).sum())
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_greedy_refit_is_monotone_and_least_squares_optimal(group):
+    torch.manual_seed(0)
+    C, O, N = 12, 6, 500
+    X = torch.randn(N, C * group, dtype=torch.float64)
+    X[:, :group] += 0.8 * X[:, group : 2 * group]  # correlated channels: plain ranking would be fooled
+    sparse = torch.randn(C * group, O, dtype=torch.float64) * (torch.rand(C * group, 1) > 0.5)
+    Y = X @ sparse
+    st = Stats(X.T @ X, X.T @ Y, float((Y**2).sum()), group)
+    order, path = greedy_select([st], ridge=0.0)
+    assert all(b <= a + 1e-12 for a, b in zip(path, path[1:])), "error must never increase"
+    for k in range(1, C + 1):
+        cols = [j * group + t for j in order[:k] for t in range(group)]
+        assert path[k - 1] == pytest.approx(_lstsq_error(X, Y, cols), abs=1e-9)
+        _, err = refit(st, sorted(order[:k]), ridge=0.0)
+        assert err == pytest.approx(path[k - 1], abs=1e-9)
+    # each step is the best single addition (greedy), checked by brute force
+    def err_with(chosen, j):
+        return _lstsq_error(X, Y, [c * group + t for c in chosen + [j] for t in range(group)])
+
+    for step in range(C):
+        best = min(err_with(order[:step], j) for j in range(C) if j not in order[:step])
+        assert err_with(order[:step], order[step]) == pytest.approx(best, abs=1e-9)
+
+
+class _Block(nn.Module):
+    """conv-bn-relu expand, then a 1x1 projection that reads only ``support`` channels."""
+
+    def __init__(self, support: list[int]):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.act = nn.ReLU()
+        self.proj = nn.Conv2d(16, 8, 1, bias=False)
+        self.head = nn.Linear(8, 5)
+        with torch.no_grad():
+            mask = torch.zeros(16)
+            mask[support] = 1.0
+            self.proj.weight.mul_(mask.view(1, -1, 1, 1))
+
+    def forward(self, x):
+        h = self.proj(self.act(self.bn(self.stem(x))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_greedy_finds_the_channels_a_block_depends_on():
+    torch.manual_seed(0)
+    support = [1, 4, 9, 13]
+    model = _Block(support).eval()
+    x = torch.randn(64, 3, 12, 12)
+    cfg = CompressConfig(criterion="greedy", eps=1e-4, ridge=1e-6, round_to=1, min_width=1, bn_recalib=False)
+    result = compress_model(model, 12, x, None, cfg)
+    rep = next(u for u in result.units if u.name == "stem")
+    assert sorted(rep.order) == support
+    assert rep.rel_error < 1e-4
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), atol=1e-4)
+
+
+def test_greedy_beats_magnitude_on_the_discrepancy_it_minimises():
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.get_model("mobilenet_v2", num_classes=10))
+    x = torch.randn(96, 3, 32, 32)
+    out = {}
+    for crit in ("greedy", "l1"):
+        r = compress_model(model, 32, x, None, CompressConfig(criterion=crit, target_macs=0.5, bn_recalib=False))
+        with torch.no_grad():
+            ref = model(x)
+            out[crit] = float(((r.model(x) - ref) ** 2).mean() / (ref**2).mean())
+    assert out["greedy"] < out["l1"]
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small", "resnet18"])
+@pytest.mark.parametrize("criterion", ["greedy", "l1", "uniform"])
+def test_budget_is_met_within_one_rounding_step(arch, criterion):
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.get_model(arch, num_classes=10))
+    x = torch.randn(64, 3, 32, 32)
+    base_macs, _ = count_macs_params(model, 32)
+    for target in (0.7, 0.4):
+        r = compress_model(model, 32, x, None, CompressConfig(criterion=criterion, target_macs=target))
+        macs, _ = count_macs_params(r.model, 32)
+        assert macs <= target * base_macs * 1.001
+        assert abs(macs / base_macs - r.budget["planned_fraction"]) < 0.002
+        assert all(w % 8 == 0 or w == u.width for u in r.units for w in [u.kept])
+        # one more rounding step on the widest-kept unit would exceed... at least the budget is used
+        assert macs >= (target - 0.15) * base_macs
+
+
+def test_unreachable_budget_is_one_clear_error():
+    model = torchvision.models.get_model("mobilenet_v2", num_classes=10).eval()
+    with pytest.raises(GslimError, match="unreachable"):
+        compress_model(model, 32, torch.randn(8, 3, 32, 32), None,
+                       CompressConfig(criterion="l1", target_macs=0.01, min_width=64, round_to=8))
+
+
+def test_greedy_loss_and_baselines_run_and_are_deterministic():
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.get_model("mobilenet_v3_small", num_classes=10))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    for crit in ("greedy-loss", "bn", "random", "greedy"):
+        cfg = CompressConfig(criterion=crit, target_macs=0.6, loss_batch=8)
+        a = compress_model(model, 32, x, y, cfg, seed=3)
+        b = compress_model(model, 32, x, y, cfg, seed=3)
+        assert a.to_json()["units"] == b.to_json()["units"]
+        assert a.widths == b.widths and a.widths
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.get_model("resnet18", num_classes=10))
+    x = torch.randn(32, 3, 32, 32)
+    r = compress_model(model, 32, x, None, CompressConfig(target_macs=0.5, prune_residual=True))
+    path = tmp_path / "slim.pt"
+    save_checkpoint(r.model, ModelSpec("resnet18", 10, 32, widths=r.widths), path)
+    loaded, spec = load_model(path)
+    assert spec.widths == r.widths
+    for (k, v), (k2, v2) in zip(r.model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), r.model(x))
+
+
+def test_prune_residual_narrows_stage_widths():
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.get_model("mobilenet_v2", num_classes=10))
+    r = compress_model(model, 32, torch.randn(64, 3, 32, 32), None,
+                       CompressConfig(target_macs=0.5, prune_residual=True))
+    assert any(u.kind == "residual" and u.kept < u.width for u in r.units)
+    assert r.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_compress_cli_writes_checkpoint_and_selection(tmp_path, capsys):
+    from gslim.cli import main
+
+    model = _randomise_bn(torchvision.models.get_model("mobilenet_v2", num_classes=10))
+    base = tmp_path / "base.pt"
+    save_checkpoint(model, ModelSpec("mobilenet_v2", 10, 32), base)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: t\nmodel: {arch: mobilenet_v2, num_classes: 10, input_size: 32}\n"
+        "data: {kind: synthetic, calib_images: 64, batch_size: 32}\n"
+        f"run_dir: {tmp_path / 'run'}\ncompress: {{target_macs: 60%}}\n"
+    )
+    args = ["compress", str(recipe), "--model", str(base), "--no-progress"]
+    with pytest.raises(SystemExit) as ex:
+        main(args)
+    assert ex.value.code == 0
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert sel["criterion"] == "greedy" and 0.5 < sel["macs_fraction"] <= 0.6
+    assert {"name", "width", "kept", "order", "rel_error"} <= set(sel["units"][0])
+    slim, spec = load_model(tmp_path / "run" / "slim.pt")
+    assert spec.widths == sel["widths"]
+    # a finished result is not overwritten silently
+    with pytest.raises(SystemExit) as ex:
+        main(args)
+    assert ex.value.code != 0
+    assert "--force" in capsys.readouterr().err
+    # a budget option on the command line replaces the recipe's
+    with pytest.raises(SystemExit) as ex:
+        main(args + ["--force", "--criterion", "l1", "--target-macs", "40%"])
+    assert ex.value.code == 0
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert sel["criterion"] == "l1" and sel["macs_fraction"] <= 0.4
+
+
+def test_compress_cli_rejects_bad_values(tmp_path, capsys):
+    from gslim.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(["compress", "--eps", "0", "--run-dir", str(tmp_path)])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert "compress.eps" in err and "Traceback" not in err
