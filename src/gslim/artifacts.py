@@ -10,11 +10,13 @@ to unpickle code is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,6 +39,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise GslimError(f"output directory {parent} is not writable")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp creates 0600; artifacts get ordinary file permissions
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -68,10 +73,14 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
 def append_jsonl(obj: Any, path: str | os.PathLike) -> None:
     """Append one JSON line. Lines are small and flushed, so a crash loses at most the last line."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a") as fh:
-        fh.write(json.dumps(obj, default=_json_default) + "\n")
-        fh.flush()
+    line = json.dumps(obj, default=_json_default) + "\n"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as fh:
+            fh.write(line)
+            fh.flush()
+    except OSError as exc:
+        raise GslimError(f"could not append to {p}: {exc.strerror or exc}") from exc
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -87,7 +96,15 @@ def load_json(path: str | os.PathLike) -> Any:
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def _write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            # torch's C++ writer reports a failed write (a full disk, a vanished directory) as a
+            # RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ..."), not an OSError.
+            raise OSError(errno.EIO, "torch.save could not finish writing (is the disk full?)") from exc
+
+    return atomic_write(path, _write)
 
 
 def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> Any:
@@ -102,18 +119,22 @@ def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     if p.stat().st_size == 0:
         raise GslimError(f"checkpoint {p} is empty (an interrupted write?)")
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # random bytes can look like an exotic pickle protocol: torch warns before it fails
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
     except pickle.UnpicklingError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if m:  # a real pickle that names a class or function: loading it would run code
             raise GslimError(
-                f"refusing to load {p}: it needs to unpickle code, and gslim loads checkpoints with "
-                "weights_only=True (save a state_dict instead)"
+                f"refusing to load {p}: it needs to unpickle code ({m.group(1)}), and gslim loads checkpoints "
+                "with weights_only=True (save a state_dict or a gslim checkpoint instead)"
             ) from exc
-        raise GslimError(f"checkpoint {p} is corrupt: {msg}") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GslimError(f"checkpoint {p} is truncated or corrupt: {first}") from exc
+        raise GslimError(f"checkpoint {p} is truncated or corrupt: {_weights_only_reason(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises anything from EOFError to KeyError
+        raise GslimError(f"checkpoint {p} is truncated or corrupt: {_first_line(exc)}") from exc
 
 
 def refuse_overwrite(path: str | os.PathLike, force: bool, what: str = "result") -> None:
@@ -121,6 +142,46 @@ def refuse_overwrite(path: str | os.PathLike, force: bool, what: str = "result")
     p = Path(path)
     if p.exists() and not force:
         raise GslimError(f"{p} already holds a finished {what}; pass --force to overwrite it")
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Fail early, before any work, when ``path`` cannot become a writable directory.
+
+    Nothing is created: the nearest existing ancestor must be a directory this process may
+    write to (a path under a regular file, or in a read-only directory, is refused).
+    """
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is" if probe == p else f"is under {probe}, which is"
+        raise GslimError(f"{what} {p} {where} a file, not a directory")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise GslimError(f"{what} {p} is not writable (no write permission on {probe})")
+    return p
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's first line (torch appends paragraphs of advice)."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) or not text:
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    line = text.splitlines()[0].strip()
+    cut = line.find(". ")
+    if 0 < cut < len(line) - 2:
+        line = line[:cut]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The unpickler's own complaint inside torch's long weights_only message."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    if m:
+        return _first_line(Exception(m.group(1)))
+    return _first_line(exc)
 
 
 def _json_default(o: Any) -> Any:

@@ -8,6 +8,7 @@ non-zero exit; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -66,12 +67,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         import click
 
     command = typer.main.get_command(app)
+    terminated = {"signal": None}
+    previous = _on_sigterm(terminated)
     try:
         rc = command.main(args=argv, prog_name="gslim", standalone_mode=False)
+        if rc == 130:  # typer turns KeyboardInterrupt into a returned exit code 130
+            raise KeyboardInterrupt
     except GslimError as exc:
         if _STATE["debug"]:
             raise
-        typer.echo(f"gslim: error: {exc}", err=True)
+        typer.echo(f"gslim: error: {one_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -80,5 +85,42 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("gslim: interrupted (finished artifacts are intact; rerun to resume)", err=True)
-        sys.exit(130)
+        sys.exit(143 if terminated["signal"] is not None else 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message as one line.
+
+    A GslimError raised in a DataLoader worker process comes back re-raised with the worker's
+    whole traceback as its message; the original message is that traceback's last line.
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and any(ln.startswith("Original Traceback") for ln in lines):
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        last = lines[-1]
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(lines)
+
+
+def _on_sigterm(flag: dict):
+    """Treat SIGTERM (``docker stop``, a batch scheduler) like Ctrl-C: unwind, clean up, exit 143.
+
+    Returns the previous handler, or None when none was installed (not the main thread, or
+    someone else already handles SIGTERM).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def _handler(signum, frame):  # noqa: ARG001
+        flag["signal"] = signum
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, _handler)

@@ -67,9 +67,11 @@ class TensorImageDataset(Dataset):
     Single-channel data is expanded to 3 channels lazily (a view, no copy).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, train: bool, seed: int = 0):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, train: bool, seed: int = 0,
+                 resize_to: Optional[int] = None):
         self.images, self.labels, self.train = images, labels, train
-        self.size = images.shape[-1]
+        self.resize_to = resize_to  # raw uint8 images, decoded and resized per item (large inputs)
+        self.size = resize_to or images.shape[-1]
         self.pad = max(1, self.size // 16)
 
     def __len__(self) -> int:
@@ -77,12 +79,14 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         x = self.images[i]
+        if self.resize_to is not None:
+            x = _normalise_fashion(x.unsqueeze(0), self.resize_to)[0]
         if self.train:
             # random crop with padding and horizontal flip: cheap, and what small-image recipes use
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
             p = self.pad
-            x = F.pad(x, (p, p, p, p), mode="reflect" if x.shape[0] else "constant")
+            x = F.pad(x, (p, p, p, p), mode="reflect")
             dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
             x = x[:, dy : dy + self.size, dx : dx + self.size]
         if x.shape[0] == 1:
@@ -99,11 +103,18 @@ def load_fashion_mnist(root: str | Path, split: str, input_size: int, limit: Opt
     labels = read_idx(_open_idx(root, lbl_stem), str(root / lbl_stem), count, 1).long()
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    x = images.unsqueeze(1).float().div_(255.0)
+    x = images.unsqueeze(1)
+    if input_size <= 64:  # small: decode once (60k x 64 x 64 floats is 1 GB); larger sizes resize per item
+        x = _normalise_fashion(x, input_size)
+        return TensorImageDataset(x.contiguous(), labels, train=(split == "train"))
+    return TensorImageDataset(x, labels, train=(split == "train"), resize_to=input_size)
+
+
+def _normalise_fashion(x: torch.Tensor, input_size: int) -> torch.Tensor:
+    x = x.float().div_(255.0)
     if input_size != x.shape[-1]:
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
-    x = (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
-    return TensorImageDataset(x.contiguous(), labels, train=(split == "train"))
+    return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
 
 
 def make_synthetic(n: int, num_classes: int, input_size: int, seed: int, train: bool) -> Dataset:
@@ -146,8 +157,10 @@ def _checked_loader(path: str):
         with open(path, "rb") as fh:
             img = Image.open(fh)
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise GslimError(f"unreadable image {path}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise GslimError(f"unreadable image {path}: not a valid image file (remove or replace it)") from exc
+    except OSError as exc:  # truncated image data, permissions, I/O errors
+        raise GslimError(f"unreadable image {path}: {exc.strerror or exc} (remove or replace it)") from exc
 
 
 def make_dataset(cfg: DataConfig, split: str, input_size: int, num_classes: int, seed: int = 0) -> Dataset:
@@ -176,7 +189,7 @@ def _seeded_perm(n: int, seed: int) -> torch.Tensor:
 def eval_view(ds: Dataset) -> Dataset:
     """The same images without training augmentation (for calibration and scoring)."""
     if isinstance(ds, TensorImageDataset):
-        return TensorImageDataset(ds.images, ds.labels, train=False)
+        return TensorImageDataset(ds.images, ds.labels, train=False, resize_to=ds.resize_to)
     if isinstance(ds, Subset):
         return Subset(eval_view(ds.dataset), ds.indices)
     if hasattr(ds, "transform") and hasattr(ds, "root"):  # ImageFolder: swap in the val transform

@@ -244,9 +244,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def count_macs_params(model: nn.Module, input_size: int) -> tuple[int, int]:
     """MACs (fvcore's FLOP count, which counts one multiply-add as one) and parameters, batch 1."""
-    from fvcore.nn import FlopCountAnalysis
-
     import logging
+    import warnings
+
+    with warnings.catch_warnings():  # fvcore scripts a loss at import: "torch.jit.script is deprecated"
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     model = _unwrap(model)
     was_training = model.training

@@ -43,7 +43,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from gslim.artifacts import append_jsonl, atomic_write, load_torch, refuse_overwrite, save_torch
+from gslim.artifacts import (
+    append_jsonl,
+    atomic_write,
+    check_output_dir,
+    load_torch,
+    refuse_overwrite,
+    save_torch,
+)
 from gslim.errors import GslimError
 from gslim.models import ModelSpec, save_checkpoint
 from gslim.recipe import DataConfig, DistillConfig, Recipe, TrainConfig
@@ -621,6 +628,7 @@ def check_outputs(run_dir: Path, *, force: bool = False, resume: bool = False, o
                   last_name: str = "last.pt") -> None:
     """Refuse to replace a finished result, or an unfinished run's state with a fresh start."""
     run_dir = Path(run_dir)
+    check_output_dir(run_dir, "run directory")  # before minutes of training, not after
     refuse_overwrite(run_dir / output_name, force, what="trained model")
     last_path = run_dir / last_name
     if last_path.is_file() and not resume and not force:

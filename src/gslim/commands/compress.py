@@ -8,7 +8,14 @@ from typing import Any, Optional
 
 import typer
 
-from gslim.commands.common import ForceOpt, RecipeArg, SetOpt, ensure_run_dir, environment_info, recipe_from_cli
+from gslim.commands.common import (
+    ForceOpt,
+    RecipeArg,
+    SetOpt,
+    ensure_run_dir,
+    environment_info,
+    recipe_from_cli,
+)
 from gslim.errors import GslimError
 from gslim.recipe import Recipe
 

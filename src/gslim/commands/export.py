@@ -41,12 +41,15 @@ def export_stage(
     engine_path: Optional[Path] = None,
     static_batch_size: int = 1,
     timing_cache: Optional[Path] = None,
+    match_recipe_model: bool = False,
 ) -> dict:
     """Export ``checkpoint`` as the recipe's ``export`` section says; return a summary with the paths.
 
     Writes ``out_dir/model.onnx`` (+ ``model.fp16.onnx`` when ``export.fp16_onnx``, +
     ``model.engine`` when ``export.engine``) and ``out_dir/parity.json``; the explicit paths
-    override those names. Raises :class:`GslimError` (one line) when an output exists
+    override those names. ``match_recipe_model`` refuses a gslim checkpoint whose architecture or
+    number of classes differs from the recipe's ``model`` section (the CLI sets it when the user
+    names a recipe). Raises :class:`GslimError` (one line) when an output exists
     without ``force``, when TensorRT is asked for but missing, or when parity fails.
     """
     cfg = recipe.export
@@ -88,7 +91,7 @@ def export_stage(
     steps = 3 + (fp16_out is not None) + 2 * (engine_out is not None)
     ui = _Steps(progress, steps)
     with ui.step(f"loading {checkpoint}"):
-        model, spec = _load(checkpoint, recipe)
+        model, spec = _load(checkpoint, recipe, match_recipe_model)
     size = spec.input_size
     with ui.step(f"reading parity images ({recipe.data.kind}, val split)"):
         images = parity_images(recipe, size, spec.num_classes, cfg.parity_images)
@@ -240,14 +243,18 @@ def _publish(stage_dir: Path, final: Path) -> None:
         raise GslimError(f"could not write {final}: {exc.strerror or exc}") from exc
 
 
-def _load(checkpoint: Path, recipe: Recipe):
-    """A gslim checkpoint knows its architecture; a bare state dict takes it from the recipe."""
+def _load(checkpoint: Path, recipe: Recipe, match_recipe_model: bool = False):
+    """A gslim checkpoint knows its architecture; a bare state dict takes it from the recipe.
+
+    With ``match_recipe_model`` a gslim checkpoint must also be the recipe's architecture and
+    number of classes.
+    """
     from gslim.models import load_model, read_checkpoint
 
     spec, _ = read_checkpoint(checkpoint)
-    if spec.arch:
-        return load_model(checkpoint)
     m = recipe.model
+    if spec.arch and not match_recipe_model:
+        return load_model(checkpoint)
     return load_model(checkpoint, expect_arch=m.arch, num_classes=m.num_classes, input_size=m.input_size)
 
 
@@ -449,6 +456,9 @@ def register(app: typer.Typer) -> None:
             engine_path=engine,
             static_batch_size=batch,
             timing_cache=timing_cache,
+            # a recipe that names the model must match the checkpoint (as gslim evaluate does)
+            match_recipe_model=recipe is not None
+            or any(s.split("=", 1)[0].strip().startswith("model.") for s in sets or []),
         )
         typer.echo(
             f"exported {summary['onnx']}"

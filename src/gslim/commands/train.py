@@ -136,6 +136,10 @@ def evaluate_command(
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise GslimError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if json_out is not None:  # fail before the evaluation, not after it
+        from gslim.artifacts import check_output_dir
+
+        check_output_dir(json_out.parent, "--json directory")
     recipe_path = recipe
     if recipe_path is None and (checkpoint.parent / RESOLVED_RECIPE).is_file():
         recipe_path = checkpoint.parent / RESOLVED_RECIPE

@@ -182,7 +182,27 @@ def uniform_widths(cost: CostModel, budget: Budget, round_to: int, min_width: in
     def at(r: float) -> dict[str, int]:
         return {n: round_width(int(math.ceil(r * c)), c, round_to, min_width) for n, c in cost.full.items()}
 
-    return _search(at, budget, cost, 0.0, 1.0, increasing=True)
+    ratio, widths = _search(at, budget, cost, 0.0, 1.0, increasing=True)
+    return ratio, fill_budget(cost, budget, widths, round_to)
+
+
+def fill_budget(cost: CostModel, budget: Budget, widths: dict[str, int], round_to: int) -> dict[str, int]:
+    """Spend what rounding left of the budget: widen the relatively narrowest units by one rounding
+    step at a time while the cost stays within the budget (keeps ratios uniform up to one step)."""
+    widths = dict(widths)
+    step = max(round_to, 1)
+    changed = True
+    while changed:
+        changed = False
+        for name in sorted(widths, key=lambda n: (widths[n] / cost.full[n], n)):
+            if widths[name] >= cost.full[name]:
+                continue
+            trial = dict(widths)
+            trial[name] = min(cost.full[name], widths[name] + step)
+            if budget.measure(cost, trial) <= budget.target:
+                widths = trial
+                changed = True
+    return widths
 
 
 def widths_for_eps(curves: dict[str, list[float]], full: dict[str, int], eps: float,

@@ -102,6 +102,10 @@ def greedy_select(
     if any(st.channels != C for st in stats):
         raise ValueError("all consumers of a unit must read the same number of channels")
     limit = C if k is None else min(k, C)
+    if k is None:
+        # past the point where the selected columns outnumber the rows the fit is exact: the
+        # unregularised error cannot fall further, so a full path stops there
+        limit = min(limit, max(1, -(-min(st.rows for st in stats) // stats[0].group)) if stats[0].rows else limit)
     states = [_GroupOmpState(st, ridge, limit) for st in stats]
     total = sum(s.yy for s in states) or 1.0
     chosen: list[int] = []

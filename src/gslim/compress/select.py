@@ -55,6 +55,7 @@ from gslim.compress.units import Unit, UnitGraph, find_units
 from gslim.errors import GslimError
 from gslim.recipe import CompressConfig
 
+PLANNING_FLOOR = 1e-3
 CRITERIA = ("greedy", "greedy-loss", "l1", "bn", "random", "uniform")
 Progress = Optional[Callable[[str, int, int], None]]  # (unit name, done, total)
 
@@ -201,8 +202,8 @@ def _planning_curves(original: nn.Module, graph: UnitGraph, units: list[Unit], b
     curves = {}
     for u in units:
         stats = [accs[(u.name, c)].result(kernel_group(mods[c])) for c in u.consumers]
-        # the curve only needs to resolve errors down to ~1e-4: below that every budget keeps all
-        _, path = greedy_select(stats, eps=1e-4, ridge=cfg.ridge)
+        # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
+        _, path = greedy_select(stats, eps=PLANNING_FLOOR, ridge=cfg.ridge)
         curves[u.name] = path
     return curves
 
@@ -421,8 +422,8 @@ def _scores(work: nn.Module, u: Unit, criterion: str, gen: torch.Generator) -> t
     if criterion == "bn":
         total = torch.zeros(u.width)
         bns = [m for m in u.members if isinstance(work.get_submodule(m), nn.modules.batchnorm._BatchNorm)]
-        if not bns:
-            raise GslimError(f"criterion 'bn' needs a BatchNorm in unit {u.name}")
+        if not bns:  # e.g. a classifier's hidden Linear: no BN scale exists, rank by magnitude
+            return _scores(work, u, "l1", gen)
         for m in bns:
             total += work.get_submodule(m).weight.detach().abs()
         return total
