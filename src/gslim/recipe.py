@@ -205,8 +205,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line naming the first offending key (and how many more there are)."""
     errors = exc.errors()
     first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
+    loc = ".".join(_key_text(p) for p in first["loc"]) or "(top level)"
+    msg = " ".join(first["msg"].split())  # one line, whatever a validator put in its message
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
@@ -214,6 +214,13 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     msg = msg.removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
+
+
+def _key_text(part: Any) -> str:
+    """A key as it appears in an error: plain when it looks like a key, quoted (repr) otherwise,
+    so a key with a dot, a space or a newline cannot break the message or be misread."""
+    s = str(part)
+    return s if re.fullmatch(r"[A-Za-z0-9_\-]+", s) else repr(part)
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from gslim.artifacts import refuse_overwrite
+from gslim.artifacts import check_output_dir, refuse_overwrite
 from gslim.commands.common import ForceOpt, SetOpt, environment_info, recipe_from_cli
 from gslim.errors import GslimError
 from gslim.recipe import Recipe
@@ -67,6 +67,8 @@ def export_stage(
     outputs = [p for p in (onnx_out, fp16_out, engine_out) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise GslimError("the ONNX, FP16 ONNX and engine outputs must be different files")
+    for directory in dict.fromkeys(p.parent for p in [*outputs, parity_out]):
+        check_output_dir(directory)  # before loading, reading data and exporting
     for path, what in (
         (onnx_out, "ONNX export"),
         (fp16_out, "FP16 ONNX export"),

@@ -101,6 +101,19 @@ def greedy_select(
     C = stats[0].channels
     if any(st.channels != C for st in stats):
         raise ValueError("all consumers of a unit must read the same number of channels")
+    # The loop is many small tensor ops: with more than one thread each op pays an OpenMP
+    # barrier, and on a busy machine that costs 10-100x. One thread, unless the Gram is large.
+    threads = torch.get_num_threads()
+    if stats[0].G.shape[0] <= 2048:
+        torch.set_num_threads(1)
+    try:
+        return _greedy_select(stats, k, eps, ridge, min_k, C)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy_select(stats: list[Stats], k: Optional[int], eps: Optional[float], ridge: float, min_k: int,
+                   C: int) -> tuple[list[int], list[float]]:
     limit = C if k is None else min(k, C)
     if k is None:
         # past the point where the selected columns outnumber the rows the fit is exact: the
