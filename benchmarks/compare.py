@@ -73,7 +73,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--budgets", default="50%,30%", help="MACs budgets, fractions of the base model's MACs")
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)}")
     ap.add_argument("--calib-images", type=int, default=2048, help="calibration images (selection, BN recal)")
-    ap.add_argument("--val-images", type=int, default=3000, help="score on the first N validation images")
+    ap.add_argument("--val-images", type=int, default=2000, help="score on the first N validation images")
     ap.add_argument("--finetune-images", type=int, default=4000, help="fine-tune on the first N training images")
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--finetune-steps", type=int, default=None, help="cap fine-tune steps per epoch (smoke runs)")
@@ -92,16 +92,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--force", action="store_true", help="ignore cached per-method results")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: mobilenet_v2 trained a few steps on synthetic data, 50%% only, "
-                         f"{','.join(QUICK_METHODS)}, 128 calibration / 500 val images, 3 fine-tune steps")
+                         f"{','.join(QUICK_METHODS)}, 128 calibration / 300 val images, 3 fine-tune steps")
     args = ap.parse_args(argv)
     if args.quick:
         args.archs = "mobilenet_v2"
         args.budgets = "50%"
         if args.methods == ",".join(ALL_METHODS):
             args.methods = ",".join(QUICK_METHODS)
-        args.calib_images, args.val_images, args.finetune_images = 128, 500, 256
+        args.calib_images, args.val_images, args.finetune_images = 128, 300, 256
         args.finetune_steps = 3
-        args.latency_seconds, args.latency_rounds = 0.2, 2
+        args.latency_seconds, args.latency_rounds = 0.1, 2
     args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -199,7 +199,7 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
             if ctx.args.base_epochs is not None:
                 updates["epochs"] = ctx.args.base_epochs
             if ctx.args.quick:
-                updates.update({"epochs": 1, "max_steps_per_epoch": 8})
+                updates.update({"epochs": 2, "max_steps_per_epoch": 8})
             train_cfg = train_cfg.model_copy(update=updates)
             data = recipe.data.model_copy(update={"train_images": None})
             spec = ModelSpec(arch, recipe.model.num_classes, recipe.model.input_size)
@@ -213,7 +213,7 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
             shutil.copyfile(res.final_path, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
             meta = {"source": "trained by benchmarks/compare.py", "train": f"{ctx.args.recipe} train section, "
-                    f"{train_cfg.epochs} epoch(s)" + (", 8 steps" if ctx.args.quick else ""),
+                    f"{train_cfg.epochs} epoch(s)" + (", at most 8 steps each" if ctx.args.quick else ""),
                     "train_seconds": round(time.perf_counter() - t0, 1), "val_top1_full": res.metrics.get("val_top1")}
         meta_path.write_text(json.dumps(meta, indent=2))
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"source": "cache"}
@@ -554,7 +554,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "torch_pruning": _tp_version(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "budgets": args.budgets, "methods": methods, "skipped_methods": skipped_methods,
-        "bases": {}, "rows": [], "latency": {},
+        "bases": {}, "rows": [], "latency": {}, "failures": [],
     }
     for arch in args.archs:
         recipe = ctx.recipe_for(arch)
@@ -584,14 +584,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                         row = None
                 if row is None:
                     log(f"[{arch} {budget}] {method} ...")
-                    row = run_method(ctx, method, arch, budget, base, spec, recipe, x, y, loader, key, work)
+                    try:
+                        row = run_method(ctx, method, arch, budget, base, spec, recipe, x, y, loader, key, work)
+                    except Exception as exc:  # noqa: BLE001 - one failing method must not sink the table
+                        import traceback
+
+                        traceback.print_exc()
+                        report["failures"].append({"arch": arch, "budget": budget, "method": method,
+                                                   "error": f"{type(exc).__name__}: {exc}"})
+                        log(f"[{arch} {budget}] {method} FAILED: {type(exc).__name__}: {exc}")
+                        continue
                 else:
                     log(f"[{arch} {budget}] {method}: cached ({cached})")
                 report["rows"].append(row)
                 onnx_files[method] = work / "model.onnx"
             lat_path = bdir / "latency.json"
             lat = json.loads(lat_path.read_text()) if lat_path.is_file() and not args.force else None
-            lat_key = {"settings": key, "methods": methods, "latency_seconds": args.latency_seconds,
+            lat_key = {"settings": key, "methods": list(onnx_files), "latency_seconds": args.latency_seconds,
                        "rounds": args.latency_rounds, "threads": args.threads}
             if lat is None or lat.get("key") != lat_key:
                 log(f"[{arch} {budget}] ORT latency: base + {len(onnx_files)} models, interleaved ...")
@@ -606,6 +615,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     png = args.out / ("tradeoff_methods_quick.png" if args.quick else "tradeoff_methods.png")
     plot(report, png)
     print(markdown_tables(report))
+    for f in report["failures"]:
+        print(f"- {f['arch']} {f['budget']} {f['method']} FAILED: {f['error']}")
     if skipped_methods:
         for m, why in skipped_methods.items():
             print(f"- {m} skipped: {why}")

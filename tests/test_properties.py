@@ -52,7 +52,9 @@ SCALARS = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(10**6), max_value=10**10),
-    st.floats(allow_nan=True, allow_infinity=True),
+    # allow_subnormal=False: `gslim compress` sets flush-to-zero for the whole process (torch.set_flush_denormal),
+    # and hypothesis refuses to draw subnormals once another test in this process has run it
+    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False),
     st.text(max_size=6),
     st.sampled_from(["50%", "150%", "0%", "-5%", "1e9", "2e3", "abc", "auto", "cpu", "cuda", "greedy", "l1",
                      "sgd", "adamw", "synthetic", "imagefolder", "fashion-mnist", "fp16", "int8",
@@ -174,9 +176,9 @@ def _keep(width: int, how: str, frac: float, g: torch.Generator) -> list[int]:
 @pytest.mark.parametrize("arch", SIX)
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**31 - 1), frac=st.floats(0.0, 1.0),
+@given(seed=st.integers(0, 2**31 - 1), frac=st.floats(0.0, 1.0, allow_subnormal=False),
        modes=st.lists(st.sampled_from(["one", "all", "all-but-one", "fraction"]), min_size=1, max_size=4),
-       share=st.floats(0.2, 1.0))
+       share=st.floats(0.2, 1.0, allow_subnormal=False))
 def test_slimmed_model_equals_the_masked_original(arch, seed, frac, modes, share):
     model = copy.deepcopy(_base(arch))
     g = torch.Generator().manual_seed(seed)

@@ -120,6 +120,14 @@ def recipe(make_recipe) -> Path:
     return make_recipe({"model.arch": ARCH})
 
 
+@pytest.fixture(autouse=True)
+def _restore_denormals():
+    """`gslim compress` turns on flush-to-zero for the whole process (torch.set_flush_denormal) and
+    leaves it on; switch it back off so later tests in this process see IEEE arithmetic."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture
 def one_thread():
     """Training in this process with one thread, like the subprocesses (bit-identical results)."""

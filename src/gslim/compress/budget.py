@@ -186,23 +186,44 @@ def uniform_widths(cost: CostModel, budget: Budget, round_to: int, min_width: in
     return ratio, fill_budget(cost, budget, widths, round_to)
 
 
-def fill_budget(cost: CostModel, budget: Budget, widths: dict[str, int], round_to: int) -> dict[str, int]:
-    """Spend what rounding left of the budget: widen the relatively narrowest units by one rounding
-    step at a time while the cost stays within the budget (keeps ratios uniform up to one step)."""
+def fill_budget(cost: CostModel, budget: Budget, widths: dict[str, int], round_to: int,
+                gain: Optional[Callable[[str, int, int], float]] = None) -> dict[str, int]:
+    """Spend what rounding left of the budget, one rounding step at a time.
+
+    Each round widens the unit with the best ``gain(name, k, k_wider)`` per unit of cost
+    among those that still fit; by default the relatively narrowest unit (which keeps a
+    uniform allocation uniform up to one step).
+    """
     widths = dict(widths)
     step = max(round_to, 1)
-    changed = True
-    while changed:
-        changed = False
-        for name in sorted(widths, key=lambda n: (widths[n] / cost.full[n], n)):
-            if widths[name] >= cost.full[name]:
+    while True:
+        here = budget.measure(cost, widths)
+        best, best_score = None, -float("inf")
+        for name in sorted(widths):
+            k = widths[name]
+            if k >= cost.full[name]:
                 continue
             trial = dict(widths)
-            trial[name] = min(cost.full[name], widths[name] + step)
-            if budget.measure(cost, trial) <= budget.target:
-                widths = trial
-                changed = True
-    return widths
+            trial[name] = min(cost.full[name], k + step)
+            extra = budget.measure(cost, trial) - here
+            if budget.measure(cost, trial) > budget.target:
+                continue
+            score = -k / cost.full[name] if gain is None else gain(name, k, trial[name]) / max(extra, 1e-9)
+            if score > best_score:
+                best, best_score = trial, score
+        if best is None:
+            return widths
+        widths = best
+
+
+def curve_gain(curves: dict[str, list[float]]) -> Callable[[str, int, int], float]:
+    """Error reduction of widening a unit from k to k2 channels, read off its greedy curve."""
+    def gain(name: str, k: int, k2: int) -> float:
+        curve = curves[name]
+        at = lambda n: curve[n - 1] if n - 1 < len(curve) else (curve[-1] if curve else 0.0)  # noqa: E731
+        return max(at(k) - at(k2), 0.0) + 1e-12
+
+    return gain
 
 
 def widths_for_eps(curves: dict[str, list[float]], full: dict[str, int], eps: float,
@@ -222,4 +243,6 @@ def eps_widths(cost: CostModel, budget: Budget, curves: dict[str, list[float]], 
         return widths_for_eps(curves, cost.full, 10.0 ** log_eps, round_to, min_width)
 
     log_eps, widths = _search(at, budget, cost, -9.0, 0.0, increasing=False)
-    return 10.0 ** log_eps, widths
+    # many units cross a rounding step at once as eps moves: spend the remainder where the
+    # curves say one more step lowers the error most per MAC
+    return 10.0 ** log_eps, fill_budget(cost, budget, widths, round_to, curve_gain(curves))

@@ -1,0 +1,84 @@
+"""Smoke runs of the benchmark scripts (benchmarks/compare.py --quick, selection_speed.py tiny)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TP = importlib.util.find_spec("torch_pruning") is not None
+TP_REASON = "torch_pruning is not installed (pip install 'gslim[bench]'): Torch-Pruning rows are skipped"
+
+
+def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_compare_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = _run(["benchmarks/compare.py", "--quick", "--out", str(out)], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "compare_quick.json").read_text())
+    methods = {r["method"] for r in report["rows"]}
+    assert {"greedy", "l1"} <= methods
+    assert not report["failures"]
+    for r in report["rows"]:
+        assert 0 < r["macs_fraction"] <= 0.5 + 1e-9  # every method at or under the budget
+        assert 0 <= r["one_shot_top1"] <= 100 and 0 <= r["finetuned_top1"] <= 100
+        assert (out / "quick" / "mobilenet_v2" / "50pct" / r["method"] / "model.onnx").is_file()
+    lat = report["latency"]["mobilenet_v2/50%"]["models"]
+    assert {"base", *methods} <= set(lat) and all(v["median_ms"] > 0 for v in lat.values())
+    assert (out / "tradeoff_methods_quick.png").stat().st_size > 0
+    assert "| greedy |" in proc.stdout and "one-shot top-1" in proc.stdout
+    if HAS_TP:
+        assert "tp-magnitude" in methods
+    else:
+        assert "tp-magnitude" in report["skipped_methods"]
+        assert "torch_pruning is not installed" in proc.stdout
+    # a rerun resumes from the per-method cache instead of recomputing
+    again = _run(["benchmarks/compare.py", "--quick", "--out", str(out)], timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "greedy: cached" in again.stderr
+
+
+@pytest.mark.skipif(not HAS_TP, reason=TP_REASON)
+def test_tp_prune_meets_budget():
+    import torch
+    import torchvision
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import tp_prune
+
+    from gslim.models import count_macs_params
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    base, _ = count_macs_params(model, 32)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    pruned, info = tp_prune(model, "tp-taylor", 32, x, y, 0.5 * base, 8, 8)
+    macs, _ = count_macs_params(pruned, 32)
+    assert macs <= 0.5 * base and macs > 0.4 * base
+    assert info["gradient_s"] > 0 and 0 < info["pruning_ratio"] < 0.95
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert all(p.grad is None for p in model.parameters())  # the base model is left untouched
+
+
+def test_selection_speed_tiny(tmp_path):
+    js = tmp_path / "speed.json"
+    proc = _run(["benchmarks/selection_speed.py", "--archs", "mobilenet_v2", "--images", "8", "--size", "32",
+                 "--data", "synthetic", "--methods", "greedy,greedy-loss", "--max-seconds", "5",
+                 "--json", str(js)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(js.read_text())["rows"][0]
+    assert row["forward_s"] > 0 and row["greedy"]["seconds"] > 0
+    assert row["greedy-loss"]["status"] in ("done", "cut") and row["greedy-loss"]["estimate_s"] > 0
+    assert "| mobilenet_v2 |" in proc.stdout

@@ -1,0 +1,52 @@
+"""`gslim run`: the whole pipeline on tiny synthetic data, resumable and refusing foreign run dirs."""
+
+from __future__ import annotations
+
+import json
+
+RUN_OVERRIDES = {
+    "train.max_steps_per_epoch": 2,
+    "compress.target_macs": "60%",
+    "compress.round_to": 8,
+    "finetune.epochs": 1,
+    "finetune.max_steps_per_epoch": 2,
+    "finetune.device": "cpu",
+    "profile.backends": ["torch-cpu", "ort-cpu", "torch-cuda"],
+    "profile.min_iters": 3,
+    "profile.min_seconds": 0.0,
+    "profile.warmup_s": 0.0,
+    "profile.rounds": 2,
+    "profile.eval_images": 16,
+    "sweep": ["40%"],
+    "export.opset": 17,  # the TorchScript exporter: several times faster than dynamo on tiny models
+}
+
+
+def test_run_chains_every_stage_and_resumes(make_recipe, run_cli, tmp_path):
+    recipe = make_recipe(RUN_OVERRIDES)
+    res = run_cli(["run", recipe, "--no-progress"])
+    assert res.code == 0, res.stderr
+    run = tmp_path / "run"
+    for f in ("base.pt", "slim.pt", "selection.json", "finetuned.pt", "one_shot.json", "run.json",
+              "export/base/model.onnx", "export/main/parity.json", "export/macs40/model.onnx",
+              "sweep/macs40/finetuned.pt", "report/report.md", "report/report.json", "report/tradeoff.png"):
+        assert (run / f).is_file(), f
+    report = (run / "report" / "report.md").read_text()
+    assert "greedy 60% MACs" in report or "greedy 5" in report
+    assert "torch-cuda" in report  # skipped with its reason, not silently dropped
+    info = json.loads((run / "run.json").read_text())
+    assert set(info["budgets"]) == {"main", "macs40"}
+    assert info["budgets"]["macs40"]["macs_fraction"] <= 0.4 < info["budgets"]["main"]["macs_fraction"] <= 0.6
+
+    # a second run finds every finished artifact and redoes nothing
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")}
+    res = run_cli(["run", recipe, "--no-progress"])
+    assert res.code == 0, res.stderr
+    assert res.stderr.count("skipping") >= 6
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")}
+
+    # the same run directory with another recipe is refused, not silently mixed
+    other = make_recipe({**RUN_OVERRIDES, "compress.target_macs": "50%"}, name="b.yaml")
+    res = run_cli(["run", other, "--no-progress"])
+    assert res.code == 2
+    assert "different recipe" in res.stderr and "Traceback" not in res.stderr
