@@ -47,24 +47,28 @@ def compress_stage(recipe: Recipe, run_dir: Path, *, model_path: Optional[Path] 
     """Select and slim; write the slim checkpoint and selection.json. Returns the selection summary."""
     import torch
 
-    from gslim.artifacts import refuse_overwrite, save_json
+    from gslim.artifacts import atomic_path, check_output_dir, refuse_overwrite, save_json
     from gslim.compress.select import compress_model
     from gslim.data import calibration_batch
     from gslim.models import ModelSpec, count_macs_params, save_checkpoint
 
+    check_output_dir(run_dir, "run directory")  # before minutes of selection, not after
     ensure_run_dir(run_dir)
     out, sel_path = run_dir / out_name, run_dir / selection_name
     refuse_overwrite(out, force, "compressed model")
     torch.manual_seed(recipe.seed)
-    torch.set_flush_denormal(True)  # denormals from near-dead channels slow CPU convs several-fold
     model, spec, source = resolve_base_model(recipe, run_dir, model_path)
     size = spec.input_size or recipe.model.input_size
     x, y = calibration_batch(recipe.data, size, recipe.model.num_classes, recipe.seed)
     macs0, params0 = count_macs_params(model, size)
 
-    with _UnitProgress(progress, "selecting channels") as report:
-        result = compress_model(model, size, x, y, recipe.compress, seed=recipe.seed,
-                                batch_size=min(recipe.data.batch_size, 128), progress=report)
+    torch.set_flush_denormal(True)  # denormals from near-dead channels slow CPU convs several-fold
+    try:
+        with _UnitProgress(progress, "selecting channels") as report:
+            result = compress_model(model, size, x, y, recipe.compress, seed=recipe.seed,
+                                    batch_size=min(recipe.data.batch_size, 128), progress=report)
+    finally:
+        torch.set_flush_denormal(False)  # the process default; callers may compute on after us
     macs1, params1 = count_macs_params(result.model, size)
     slim_spec = ModelSpec(spec.arch, spec.num_classes, size, widths=result.widths,
                           meta={"base": source, "criterion": result.criterion, "stage": "compress"})
@@ -79,9 +83,11 @@ def compress_stage(recipe: Recipe, run_dir: Path, *, model_path: Optional[Path] 
         **result.to_json(),
         "environment": environment_info(),
     }
-    # selection.json first: a slim.pt on disk always has its selection next to it
-    save_json(summary, sel_path)
-    save_checkpoint(result.model, slim_spec, out)
+    # The model is written to its temporary file first and renamed last: a slim.pt on disk
+    # always has its own selection.json next to it, whichever write fails.
+    with atomic_path(out) as tmp:
+        save_checkpoint(result.model, slim_spec, tmp)
+        save_json(summary, sel_path)
     summary["paths"] = {"model": str(out), "selection": str(sel_path)}
     return summary
 

@@ -112,7 +112,7 @@ def run_pipeline(recipe: Recipe, *, force: bool = False, progress: bool = True) 
         teacher = base_path if base_path is not None else None
         _stage(f"finetune[{label}]", (out_dir / "finetuned.pt").is_file() and not force,
                lambda: finetune_stage(r, out_dir, model_path=out_dir / "slim.pt", teacher_path=teacher,
-                                      force=force, progress=progress), timings)
+                                      resume=not force, force=force, progress=progress), timings)
         results[label] = {"dir": str(out_dir), "macs_fraction": selection["macs_fraction"],
                           "params_fraction": selection["params_fraction"],
                           "one_shot_top1": load_json(one_shot_file)["top1"],
