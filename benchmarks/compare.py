@@ -291,12 +291,20 @@ def tp_prune(base: nn.Module, method: str, size: int, x: torch.Tensor, y: torch.
         macs, _ = count_macs_params(m, size)
         return m, macs, dt
 
+    # MACs fall as the ratio rises, except near 1 where Torch-Pruning leaves alone a group that
+    # rounding would empty: find a ratio that meets the target from below, then bisect under it
     trials = []
-    lo, hi = 0.0, 0.95  # pruning ratio: MACs fall as it rises
-    best = prune_at(hi)
-    trials.append((hi, best[1]))
-    if best[1] > target:
-        raise RuntimeError(f"{method}: even pruning ratio {hi} leaves {best[1]:,} MACs > target {target:,.0f}")
+    lo, hi, best = 0.0, None, None
+    for r in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9):
+        cand = prune_at(r)
+        trials.append((r, cand[1]))
+        if cand[1] <= target:
+            hi, best = r, cand
+            break
+        lo = r
+    if best is None:
+        raise RuntimeError(f"{method}: no pruning ratio up to 0.9 brings MACs to the target {target:,.0f} "
+                           f"(trials: {trials})")
     best_ratio = hi
     while hi - lo > 2e-3:
         mid = (lo + hi) / 2

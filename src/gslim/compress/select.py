@@ -337,23 +337,23 @@ def _run_greedy_loss(work: nn.Module, graph: UnitGraph, units: list[Unit], batch
         raise GslimError("greedy-loss selects block-internal channels only; set compress.prune_residual: false")
     segs = _segments_for(graph, units, work)
     wmods = dict(work.named_modules())
-    n = min(cfg.loss_batch, sum(b.shape[0] for b in batches))
-    x_loss = torch.cat(batches)[:n]
-    y_loss = labels[:n]
     by_segment: dict[int, list[Unit]] = {}
     for u in units:
         end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
         s = next(i for i, seg in enumerate(segs) if seg.start < end <= seg.end)
         by_segment.setdefault(s, []).append(u)
     reports, done = [], 0
-    act = x_loss
+    # every calibration image's activation at the current segment input: each greedy step
+    # scores its candidates on a fresh mini-batch drawn from them, as the ICML algorithm does
+    # (a fixed mini-batch would be fitted, not generalised from)
+    act = torch.cat(batches)
     with torch.no_grad():
         for s, seg in enumerate(segs):
             for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
                 width = u.width
                 k = widths.get(u.name, width)
                 if k < width:
-                    order = _loss_forward_selection(u, k, act, y_loss, segs[s:], wmods, cfg, gen)
+                    order = _loss_forward_selection(u, k, act, labels, segs[s:], wmods, cfg, gen)
                     slim_unit(work, u, sorted(order))
                 else:
                     order = list(range(width))
@@ -362,7 +362,7 @@ def _run_greedy_loss(work: nn.Module, graph: UnitGraph, units: list[Unit], batch
                 done += 1
                 if progress:
                     progress(u.name, done, len(units))
-            act = seg.module(act)
+            act = torch.cat([seg.module(a) for a in act.split(256)])
     return reports
 
 
@@ -381,12 +381,16 @@ def _loss_forward_selection(u: Unit, k: int, x: torch.Tensor, y: torch.Tensor, r
         return (shaped * masks.view(view)).view_as(inp)
 
     sample = cfg.loss_candidates or max(1, math.ceil(C / k * math.log(100.0)))
-    per_forward = max(1, 4096 // max(1, x.shape[0]))  # candidates evaluated in one batched forward
+    batch = min(cfg.loss_batch, x.shape[0])
+    per_forward = max(1, 4096 // batch)  # candidates evaluated in one batched forward
+    x_all, y_all = x, y
     with Hooks() as hooks:
         for c in u.readers:
             hooks.pre(wmods[c], masked_input)
         base = torch.zeros(C)
         while len(selected) < k:
+            pick = torch.randperm(x_all.shape[0], generator=gen)[:batch]
+            x, y = x_all[pick], y_all[pick]
             remaining = torch.tensor([j for j in range(C) if j not in set(selected)])
             if sample < remaining.numel():
                 remaining = remaining[torch.randperm(remaining.numel(), generator=gen)[:sample]]
