@@ -34,7 +34,7 @@ def test_compare_quick(tmp_path):
     for r in report["rows"]:
         assert 0 < r["macs_fraction"] <= 0.5 + 1e-9  # every method at or under the budget
         assert 0 <= r["one_shot_top1"] <= 100 and 0 <= r["finetuned_top1"] <= 100
-        assert (out / "quick" / "mobilenet_v2" / "50pct" / r["method"] / "model.onnx").is_file()
+        assert (out / "compare_quick" / "mobilenet_v2" / "50pct" / r["method"] / "model.onnx").is_file()
     lat = report["latency"]["mobilenet_v2/50%"]["models"]
     assert {"base", *methods} <= set(lat) and all(v["median_ms"] > 0 for v in lat.values())
     assert (out / "tradeoff_methods_quick.png").stat().st_size > 0

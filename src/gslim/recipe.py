@@ -107,7 +107,7 @@ class CompressConfig(_Section):
     min_width: int = Field(8, ge=1)
     bn_recalib: bool = True
     prune_residual: bool = Field(False, description="also prune residual-coupled stage widths")
-    ridge: float = Field(1e-3, ge=0.0, description="ridge, relative to the mean feature energy")
+    ridge: float = Field(1e-2, ge=0.0, description="ridge, relative to the mean feature energy")
     max_positions: int = Field(
         200_000, ge=1000, description="spatial positions sampled per unit for the greedy statistics"
     )
