@@ -214,10 +214,11 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 def test_prune_residual_narrows_stage_widths():
     torch.manual_seed(0)
     model = _randomise_bn(torchvision.models.get_model("mobilenet_v2", num_classes=10))
-    r = compress_model(model, 32, torch.randn(64, 3, 32, 32), None,
-                       CompressConfig(target_macs=0.5, prune_residual=True))
-    assert any(u.kind == "residual" and u.kept < u.width for u in r.units)
-    assert r.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    x = torch.randn(64, 3, 32, 32)
+    for crit in ("greedy", "l1"):
+        r = compress_model(model, 32, x, None, CompressConfig(criterion=crit, target_macs=0.25, prune_residual=True))
+        assert any(u.kind == "residual" and u.kept < u.width for u in r.units), crit
+        assert r.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_compress_cli_writes_checkpoint_and_selection(tmp_path, capsys):
