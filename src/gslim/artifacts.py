@@ -23,13 +23,8 @@ from typing import Any, Callable, Iterator
 from gslim.errors import GslimError
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left untouched.
-    """
-    dest = Path(path)
+def writable_parent(dest: Path) -> Path:
+    """Create ``dest``'s directory if needed and make sure this process may write there."""
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +32,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise GslimError(f"cannot create directory {parent}: {exc.strerror or exc}") from exc
     if not os.access(parent, os.W_OK):
         raise GslimError(f"output directory {parent} is not writable")
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    dest = Path(path)
+    parent = writable_parent(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     umask = os.umask(0)

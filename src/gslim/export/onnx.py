@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from gslim.artifacts import writable_parent
 from gslim.errors import GslimError, MissingDependencyError
 
 INPUT_NAME = "input"
@@ -304,13 +305,7 @@ def _save_proto(model, path: Path, big: bool) -> None:
 
 @contextlib.contextmanager
 def _staging_dir(dest: Path) -> Iterator[Path]:
-    parent = dest.parent if str(dest.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GslimError(f"cannot create directory {parent}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise GslimError(f"output directory {parent} is not writable")
+    parent = writable_parent(dest)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
     try:
         yield stage
