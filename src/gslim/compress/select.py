@@ -382,7 +382,9 @@ def _loss_forward_selection(u: Unit, k: int, x: torch.Tensor, y: torch.Tensor, r
 
     sample = cfg.loss_candidates or max(1, math.ceil(C / k * math.log(100.0)))
     batch = min(cfg.loss_batch, x.shape[0])
-    per_forward = max(1, 4096 // batch)  # candidates evaluated in one batched forward
+    # candidates scored in one batched forward, sized by the activation they replicate
+    # (~32M floats of segment input: 64 candidates at 32 px, 1 at 224 px instead of gigabytes)
+    per_forward = max(1, min(4096 // batch, (1 << 25) // max(1, batch * x[0].numel())))
     x_all, y_all = x, y
     with Hooks() as hooks:
         for c in u.readers:
