@@ -493,8 +493,12 @@ def _spawn(args: list[Any], cwd: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GSLIM_DEBUG"):
         env.pop(var, None)
+    # A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt: give the child the default
+    # disposition, as a terminal's foreground process has.
     return subprocess.Popen([sys.executable, "-m", "gslim", *map(str, args)], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
