@@ -214,7 +214,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 def test_prune_residual_narrows_stage_widths():
     torch.manual_seed(0)
     model = _randomise_bn(torchvision.models.get_model("mobilenet_v2", num_classes=10))
-    x = torch.randn(64, 3, 32, 32)
+    # 256 images: with 64, the late streams (1x1 and 2x2 maps at 32 px) have fewer regression
+    # rows than unknowns, and their only "cheap" look came from in-sample errors that read ~0
+    x = torch.randn(256, 3, 32, 32)
     for crit in ("greedy", "l1"):
         r = compress_model(model, 32, x, None, CompressConfig(criterion=crit, target_macs=0.25, prune_residual=True))
         assert any(u.kind == "residual" and u.kept < u.width for u in r.units), crit

@@ -154,13 +154,18 @@ def print_selection_table(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"{summary['arch']} — {summary['criterion']} selection", show_lines=False)
-    for col in ("unit", "kind", "width", "kept", "rel. error"):
+    for col in ("unit", "kind", "width", "kept", "rel. error (held out)"):
         t.add_column(col, justify="right" if col != "unit" else "left")
     for u in summary["units"]:
         err = "" if u["rel_error"] is None else f"{u['rel_error']:.4f}"
         t.add_row(u["name"], u["kind"], str(u["width"]), str(u["kept"]), err)
     con = Console(stderr=False)
     con.print(t)
+    warnings = [w for u in summary["units"] for w in u.get("warnings") or []]
+    for w in warnings[:5]:
+        con.print(f"warning: {w}", markup=False)
+    if len(warnings) > 5:
+        con.print(f"warning: {len(warnings) - 5} more in the selection file", markup=False)
     con.print(
         f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({100 * summary['macs_fraction']:.1f}%), "
         f"params {summary['params_before']:,} -> {summary['params_after']:,} "

@@ -36,6 +36,8 @@ class Stats:
     yy: float        # ||Y||^2
     group: int       # columns per channel
     rows: int = 0
+    held: Optional["Stats"] = None  # the same sums over rows kept out of the fit
+
 
     @property
     def channels(self) -> int:
@@ -153,9 +155,28 @@ def refit(st: Stats, keep: list[int], ridge: float = 1e-3) -> tuple[torch.Tensor
 
 
 def subset_error(st: Stats, keep: list[int], W: torch.Tensor) -> float:
-    """Relative error of given consumer weights W (rows for ``keep``'s columns)."""
+    """Relative error of given consumer weights W (rows for ``keep``'s columns) on ``st``'s rows."""
     g = st.group
     cols = torch.cat([torch.arange(j * g, (j + 1) * g) for j in keep])
     G, B = st.G[cols][:, cols], st.B[cols]
+    W = W.to(G.dtype)
     err = st.yy - 2.0 * float((W * B).sum()) + float((W * (G @ W)).sum())
     return max(err, 0.0) / (st.yy or 1.0)
+
+
+def prediction_error_curve(path: list[float], rows: int, group: int) -> list[float]:
+    """In-sample error path corrected for the fit's optimism (Akaike's final prediction error).
+
+    With n rows and p = k*group unknowns per output, a least-squares fit's expected error on
+    new rows is about its in-sample error times (n + p) / (n - p); at p >= n the in-sample
+    error says nothing. The budget allocation reads these curves, so a unit whose fit only
+    looks perfect because it has few rows (a Linear consumer has one row per image) is not
+    cut hard. The curve is made non-increasing: a width never looks worse than a narrower one.
+    """
+    out, best = [], float("inf")
+    for k, err in enumerate(path, start=1):
+        p = k * group
+        fpe = err * (rows + p) / (rows - p) if rows > p else float("inf")
+        best = min(best, fpe, 1.0)
+        out.append(best)
+    return out

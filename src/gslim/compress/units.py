@@ -128,6 +128,14 @@ def _shape(node: fx.Node):
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _numel(node: fx.Node) -> int:
+    shape = _shape(node)
+    n = 1
+    for d in shape or ():
+        n *= int(d)
+    return n
+
+
 def _fn_name(node: fx.Node) -> str:
     t = node.target
     if node.op == "call_method":
@@ -225,6 +233,14 @@ def find_units(model: nn.Module, input_size: int, include_residual: bool = True)
 
         name = _fn_name(node)
         if c is None:  # sizes, shapes and other non-tensor values
+            continue
+        params = [a for a in node.all_input_nodes if a.op == "get_attr" and _numel(a) > 1]
+        if params:
+            # a per-channel parameter (layer scale, a learned bias map) would need slicing with
+            # the channels; without that the slim model could not run, so the space stays whole
+            block(node, f"per-channel parameter {params[0].target} in {name} ({node.name}) is not sliced")
+            space_of[node.name] = sp.new(c)
+            sp.get(space_of[node.name])["blocked"].append(f"output of {name} with parameter {params[0].target}")
             continue
         if name in _PASSTHROUGH_FUNCTIONS and first is not None:
             space_of[node.name] = first
