@@ -82,3 +82,16 @@ def test_selection_speed_tiny(tmp_path):
     assert row["forward_s"] > 0 and row["greedy"]["seconds"] > 0
     assert row["greedy-loss"]["status"] in ("done", "cut") and row["greedy-loss"]["estimate_s"] > 0
     assert "| mobilenet_v2 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_int8_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = _run(["benchmarks/int8.py", "--quick", "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "int8_quick.json").read_text())
+    rows = report["archs"]["mobilenet_v2"]["rows"]
+    assert set(rows) == {"base", "greedy 50%"}
+    for r in rows.values():
+        assert 0 <= r["int8_top1"] <= 100 and r["fp32_ms"] > 0 and r["int8_ms"] > 0
+    assert "| greedy 50% |" in proc.stdout and "VNNI" in proc.stdout

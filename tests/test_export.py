@@ -472,14 +472,12 @@ def test_tensorrt_build_and_parity(precision, exported, images, tmp_path):
 @pytest.mark.gpu
 def test_tensorrt_int8_build_runs(exported, images, tmp_path):
     trt = _need_tensorrt()
+    from gslim.export.int8 import quantize_int8
     from gslim.export.tensorrt import build_engine, engine_parity, trt_major
 
-    if trt_major(trt) >= 11:
-        pytest.importorskip(
-            "modelopt.onnx.quantization",
-            reason="INT8 on TensorRT >= 11 needs ModelOpt (pip install 'nvidia-modelopt[onnx]')",
-        )
     _, path = exported("resnet18")
+    qdq = tmp_path / "model.int8.onnx"
+    quantize_int8(path, qdq, images)
     info = build_engine(
         path,
         tmp_path / "int8.engine",
@@ -488,11 +486,9 @@ def test_tensorrt_int8_build_runs(exported, images, tmp_path):
         opt_batch=4,
         max_batch=8,
         workspace_mb=512,
-        calib_images=images,
-        calib_batch=8,
-        calib_cache=tmp_path / "calib.cache",
+        int8_onnx=qdq,
     )
-    assert "INT8" in info["mode"].upper() or "Q/DQ" in info["mode"]
+    assert "Q/DQ" in info["mode"] and (trt_major(trt) < 10 or "strongly-typed" in info["mode"])
     r = engine_parity(Path(info["path"]), path, images, precision="int8", min_top1=0.0, raise_on_fail=False)
     assert np.isfinite(r["max_abs_diff"]) and 0.0 <= r["top1_agreement"] <= 1.0
 
@@ -542,6 +538,7 @@ def _fake_tensorrt(major: int, fast_fp16: bool = True):
     trt.MemoryPoolType = _Enum("WORKSPACE")
     trt.DataType = _Enum("FLOAT", "HALF", "INT8")
     trt.DeviceType = _Enum("GPU", "DLA")
+    trt.NetworkDefinitionCreationFlag = _Enum("EXPLICIT_BATCH", "STRONGLY_TYPED")
 
     class ILogger:
         Severity = _Enum("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE")
@@ -694,7 +691,7 @@ def test_build_engine_v10_refuses_fp16_without_fast_fp16(fake_trt, exported, tmp
     with pytest.raises(GslimError, match="no fast FP16.*refusing to build an FP32 engine"):
         build_engine(path, tmp_path / "m.engine", precision="fp16")
     assert not (tmp_path / "m.engine").exists()
-    with pytest.raises(GslimError, match="calibration images"):
+    with pytest.raises(GslimError, match="no Q/DQ nodes"):  # INT8 comes from a Q/DQ ONNX, never a calibrator
         build_engine(path, tmp_path / "m.engine", precision="int8")
 
 
@@ -710,16 +707,32 @@ def test_build_engine_v11_builds_fp16_from_the_fp16_onnx(fake_trt, exported, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine"]  # the converted ONNX was scratch
 
 
-def test_build_engine_v11_int8_needs_qdq_or_modelopt(fake_trt, exported, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def qdq_onnx(exported, images, tmp_path_factory):
+    from gslim.export.int8 import quantize_int8
+
+    _, path = exported("resnet18")
+    out = tmp_path_factory.mktemp("qdq") / "model.int8.onnx"
+    quantize_int8(path, out, images)
+    return path, out
+
+
+@pytest.mark.parametrize("major", [10, 11])
+def test_build_engine_int8_from_qdq_on_every_major(fake_trt, qdq_onnx, tmp_path, major):
+    """One INT8 path: the Q/DQ ONNX in a strongly typed network without precision flags (the
+    STRONGLY_TYPED creation flag on 10.x; 11.x has no other mode)."""
     from gslim.export.tensorrt import build_engine
 
-    _, path = exported("resnet18")  # exported before the stand-in replaces tensorrt
-    fake_trt(11)
-    monkeypatch.setitem(sys.modules, "modelopt", None)
-    with pytest.raises(MissingDependencyError, match=r"Q/DQ.*pip install 'nvidia-modelopt\[onnx\]'"):
-        build_engine(
-            path, tmp_path / "m.engine", precision="int8", calib_images=torch.zeros(8, 3, SIZE, SIZE)
-        )
+    fp32, qdq = qdq_onnx  # made before the stand-in replaces tensorrt
+    trt = fake_trt(major)
+    info = build_engine(fp32, tmp_path / "m.engine", precision="int8", int8_onnx=qdq, min_batch=1, opt_batch=1,
+                        max_batch=2)
+    assert trt.calls["parsed"] == str(qdq)
+    assert info["mode"] == "strongly-typed Q/DQ ONNX" and trt.calls["flags"] == set()
+    expected = 0 if major >= 11 else 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert trt.calls["network_flags"] == expected
+    with pytest.raises(GslimError, match="no Q/DQ nodes"):
+        build_engine(fp32, tmp_path / "n.engine", precision="int8")
 
 
 def test_engine_request_without_tensorrt_fails_before_export(monkeypatch, checkpoint, tmp_path):
@@ -729,3 +742,86 @@ def test_engine_request_without_tensorrt_fails_before_export(monkeypatch, checkp
     with pytest.raises(MissingDependencyError, match=r"pip install 'gslim\[gpu\]'"):
         export_stage(checkpoint, synthetic_recipe(engine=True), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- INT8 (Q/DQ ONNX)
+
+
+def test_int8_qdq_structure_is_what_tensorrt_accepts_and_runs_in_ort(exported, images, tmp_path):
+    import onnx
+
+    from gslim.export.int8 import int8_accuracy, quantize_int8
+
+    model, path = exported("mobilenet_v2")
+    out = tmp_path / "model.int8.onnx"
+    info = quantize_int8(path, out, images, method="minmax")
+    weighted = [n for n in onnx.load(str(out)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert info["quantized_ops"] == len(weighted) > 0  # every weighted op reads a DequantizeLinear
+    assert info["nonzero_zero_points"] == 0 and info["zero_point_types"] == ["int8"]  # symmetric, signed
+    assert info["per_channel_weights"] == len(weighted)  # one scale per output channel
+    g = onnx.load(str(out)).graph
+    inits = {t.name for t in g.initializer}
+    axes = [a.i for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits for a in n.attribute
+            if a.name == "axis"]
+    assert axes and set(axes) == {0}  # the output-channel axis of Conv and of Gemm(transB=1) weights
+    # runs in ONNX Runtime's CPU provider and agrees with FP32 on most images
+    labels = torch.as_tensor(torch_argmax(model, images))
+    acc = int8_accuracy(model, out, images, labels, max_top1_drop=100.0)
+    assert acc["passed"] and acc["fp32_top1"] == 100.0 and acc["images"] == images.shape[0]
+
+
+def torch_argmax(model, x):
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def test_int8_accuracy_gate_fails_with_one_line(exported, images, tmp_path):
+    from gslim.export.int8 import int8_accuracy, quantize_int8
+
+    model, path = exported("resnet18")
+    out = tmp_path / "bad.int8.onnx"
+    # ranges calibrated on images 1000x too small: every activation saturates, accuracy collapses
+    quantize_int8(path, out, images * 1e-3)
+    acc = int8_accuracy(model, out, images, torch_argmax(model, images), max_top1_drop=1.0)
+    assert not acc["passed"] and acc["top1_drop"] > 1.0
+    assert "\n" not in acc["error"] and "export.int8_max_top1_drop" in acc["error"]
+
+
+def test_export_stage_int8_publishes_gated_artifact(checkpoint, tmp_path):
+    from gslim.commands.export import export_stage
+
+    summary = export_stage(checkpoint, synthetic_recipe(int8=True, int8_max_top1_drop=100.0), tmp_path / "run",
+                           progress=False)
+    assert Path(summary["onnx_int8"]).name == "model.int8.onnx" and Path(summary["onnx_int8"]).is_file()
+    report = json.loads((tmp_path / "run" / "parity.json").read_text())
+    r = report["onnx_int8"]
+    assert r["passed"] and r["quantization"]["method"] == "minmax" and "int8_top1" in r
+    assert r["quantization"]["calibration_images"] == 32  # data.calib_images, compress's subset
+
+
+def test_export_stage_int8_failing_gate_keeps_nothing(checkpoint, tmp_path, monkeypatch):
+    import gslim.commands.export as E
+
+    real = E._calibration
+    # a real quantization with ruined ranges (as from unrepresentative calibration images)
+    monkeypatch.setattr(E, "_calibration", lambda *a: (real(*a)[0] * 1e-3, None))
+    recipe = synthetic_recipe(int8=True, int8_max_top1_drop=0.0, int8_eval_images=64)
+    with pytest.raises(GslimError, match="INT8 ONNX model.int8.onnx: top-1"):
+        E.export_stage(checkpoint, recipe, tmp_path / "run", progress=False)
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == ["parity.json"]  # no model.onnx, no model.int8.onnx, no staging directory
+    report = json.loads((tmp_path / "run" / "parity.json").read_text())
+    assert report["passed"] is False and report["onnx_int8"]["passed"] is False
+
+
+def test_cli_export_int8(checkpoint, tmp_path, capsys):
+    code, out, err = _cli(["export", str(checkpoint), "--out-dir", str(tmp_path / "o"), "--int8",
+                           "--int8-calibration", "percentile", "--int8-max-drop", "100", "--set",
+                           "data.kind=synthetic", "--set", "data.calib_images=16"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "o" / "model.int8.onnx").is_file() and "model.int8.onnx" in out
+    report = json.loads((tmp_path / "o" / "parity.json").read_text())
+    assert report["onnx_int8"]["quantization"]["method"] == "percentile"
+    code, _, err = _cli(["export", str(checkpoint), "--out-dir", str(tmp_path / "p"), "--int8",
+                         "--int8-calibration", "kl"], capsys)
+    assert code == 2 and "--int8-calibration" in err and len(err.strip().splitlines()) == 1

@@ -50,3 +50,20 @@ def test_run_chains_every_stage_and_resumes(make_recipe, run_cli, tmp_path):
     res = run_cli(["run", other, "--no-progress"])
     assert res.code == 2
     assert "different recipe" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_run_exports_and_profiles_int8_beside_fp32(make_recipe, run_cli, tmp_path):
+    recipe = make_recipe({**RUN_OVERRIDES, "sweep": None, "export.int8": True, "export.int8_max_top1_drop": 100.0,
+                          "profile.backends": ["torch-cpu", "ort-cpu"]})
+    res = run_cli(["run", recipe, "--no-progress"])
+    assert res.code == 0, res.stderr
+    run = tmp_path / "run"
+    for label in ("base", "main"):
+        assert (run / "export" / label / "model.int8.onnx").is_file()
+        assert json.loads((run / "export" / label / "parity.json").read_text())["onnx_int8"]["passed"]
+    report = json.loads((run / "report" / "report.json").read_text())
+    text = json.dumps(report)
+    assert "base INT8" in text and "MACs INT8" in text
+    rows = [r for r in report["results"] if "INT8" in r["label"]] if "results" in report else []
+    assert not rows or all(r["backend"] != "torch-cpu" or r["status"] == "skipped" for r in rows)
+    assert "int8" in (run / "report" / "report.md").read_text()

@@ -152,6 +152,19 @@ class ExportConfig(_Section):
         None, gt=0.0, description="engine vs ONNX Runtime, relative; null = per precision (fp32 1e-3, fp16 2e-2)"
     )
     parity_images: int = Field(256, ge=1)
+    int8: bool = Field(False, description="also write a Q/DQ INT8 ONNX (model.int8.onnx), accuracy-gated")
+    int8_calibration: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="how activation ranges are calibrated for the INT8 ONNX"
+    )
+    int8_calib_images: Optional[int] = Field(
+        None, ge=1, description="calibration images for INT8 (default: data.calib_images, compress's subset)"
+    )
+    int8_max_top1_drop: float = Field(
+        1.0, ge=0.0, description="INT8 export fails when its top-1 is this many points below FP32 PyTorch's"
+    )
+    int8_eval_images: int = Field(
+        1000, ge=1, description="validation images the INT8 accuracy gate scores (labelled, no augmentation)"
+    )
     min_batch: int = Field(1, ge=1)
     opt_batch: int = Field(8, ge=1)
     max_batch: int = Field(32, ge=1)

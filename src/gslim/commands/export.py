@@ -25,6 +25,7 @@ from gslim.recipe import Recipe
 
 ONNX_NAME = "model.onnx"
 FP16_NAME = "model.fp16.onnx"
+INT8_NAME = "model.int8.onnx"
 ENGINE_NAME = "model.engine"
 PARITY_NAME = "parity.json"
 
@@ -39,6 +40,7 @@ def export_stage(
     onnx_path: Optional[Path] = None,
     fp16_path: Optional[Path] = None,
     engine_path: Optional[Path] = None,
+    int8_path: Optional[Path] = None,
     static_batch_size: int = 1,
     timing_cache: Optional[Path] = None,
     match_recipe_model: bool = False,
@@ -61,17 +63,21 @@ def export_stage(
     engine_out = (
         (Path(engine_path) if engine_path else out_dir / ENGINE_NAME) if (cfg.engine or engine_path) else None
     )
+    # an INT8 engine is built from the Q/DQ ONNX, so asking for one makes the Q/DQ ONNX too
+    wants_int8 = cfg.int8 or int8_path is not None or (engine_out is not None and cfg.precision == "int8")
+    int8_out = (Path(int8_path) if int8_path else out_dir / INT8_NAME) if wants_int8 else None
     parity_out = out_dir / PARITY_NAME
     if not cfg.dynamic_batch and static_batch_size < 1:
         raise GslimError(f"the static batch must be >= 1, got {static_batch_size}")
-    outputs = [p for p in (onnx_out, fp16_out, engine_out) if p is not None]
+    outputs = [p for p in (onnx_out, fp16_out, int8_out, engine_out) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
-        raise GslimError("the ONNX, FP16 ONNX and engine outputs must be different files")
+        raise GslimError("the ONNX, FP16 ONNX, INT8 ONNX and engine outputs must be different files")
     for directory in dict.fromkeys(p.parent for p in [*outputs, parity_out]):
         check_output_dir(directory)  # before loading, reading data and exporting
     for path, what in (
         (onnx_out, "ONNX export"),
         (fp16_out, "FP16 ONNX export"),
+        (int8_out, "INT8 ONNX export"),
         (engine_out, "TensorRT engine"),
     ):
         if path is not None:
@@ -90,7 +96,7 @@ def export_stage(
     from gslim.export.onnx import convert_fp16, export_onnx, exporter_for, onnx_opset
     from gslim.export.parity import onnx_parity
 
-    steps = 3 + (fp16_out is not None) + 2 * (engine_out is not None)
+    steps = 3 + (fp16_out is not None) + (int8_out is not None) + 2 * (engine_out is not None)
     ui = _Steps(progress, steps)
     with ui.step(f"loading {checkpoint}"):
         model, spec = _load(checkpoint, recipe, match_recipe_model)
@@ -107,7 +113,8 @@ def export_stage(
         "data": {"kind": recipe.data.kind, "split": "val", "images": int(images.shape[0])},
         "passed": False,
     }
-    summary: dict[str, Any] = {"onnx": None, "onnx_fp16": None, "engine": None, "parity": str(parity_out)}
+    summary: dict[str, Any] = {"onnx": None, "onnx_fp16": None, "onnx_int8": None, "engine": None,
+                               "parity": str(parity_out)}
     staged: list[tuple[Path, Path]] = []  # (private staging directory, final path)
     try:
         tmp_onnx = _stage(onnx_out, staged)
@@ -153,11 +160,16 @@ def export_stage(
             report["onnx_fp16"] = {**p16, "path": str(fp16_out), "bytes": tmp_fp16.stat().st_size}
             _check(report["onnx_fp16"])
 
+        tmp_int8 = None
+        if int8_out is not None:
+            tmp_int8 = _stage(int8_out, staged)
+            report["onnx_int8"] = _export_int8(recipe, model, spec, tmp_onnx, tmp_int8, int8_out, ui)
+            _check(report["onnx_int8"])
+
         if engine_out is not None:
             from gslim.export.tensorrt import build_engine, engine_parity
 
             tmp_engine = _stage(engine_out, staged)
-            calib = calibration_images(recipe, size, spec.num_classes) if cfg.precision == "int8" else None
             static = not cfg.dynamic_batch
             lo, opt, hi = (
                 (static_batch_size,) * 3 if static else (cfg.min_batch, cfg.opt_batch, cfg.max_batch)
@@ -174,8 +186,8 @@ def export_stage(
                     optimization_level=cfg.optimization_level,
                     timing_cache=timing_cache,
                     dla_core=cfg.dla_core,
-                    calib_images=calib,
                     fp16_onnx=tmp_fp16,
+                    int8_onnx=tmp_int8,
                 )
             with ui.step("checking engine parity against ONNX Runtime"):
                 pe = engine_parity(
@@ -197,6 +209,7 @@ def export_stage(
         summary.update(
             onnx=str(onnx_out),
             onnx_fp16=str(fp16_out) if fp16_out else None,
+            onnx_int8=str(int8_out) if int8_out else None,
             engine=str(engine_out) if engine_out else None,
         )
         save_json(report, parity_out)
@@ -210,9 +223,32 @@ def export_stage(
         for stage_dir, _ in staged:
             shutil.rmtree(stage_dir, ignore_errors=True)
     summary["passed"] = True
-    summary["results"] = {k: report[k] for k in ("onnx", "onnx_fp16", "engine") if k in report}
+    summary["results"] = {k: report[k] for k in ("onnx", "onnx_fp16", "onnx_int8", "engine") if k in report}
     ui.done(summary)
     return summary
+
+
+def _export_int8(recipe: Recipe, model, spec, fp32_onnx: Path, tmp_int8: Path, final: Path, ui: "_Steps") -> dict:
+    """Quantize the FP32 ONNX to Q/DQ INT8 on the calibration images and gate its accuracy."""
+    from gslim.export.int8 import int8_accuracy, quantize_int8
+
+    cfg = recipe.export
+    calib_n = cfg.int8_calib_images or recipe.data.calib_images
+    with ui.step(f"quantizing to INT8 (Q/DQ, {cfg.int8_calibration} calibration on {calib_n} images)"):
+        calib, _ = _calibration(recipe, spec.input_size, spec.num_classes, calib_n)
+        info = quantize_int8(fp32_onnx, tmp_int8, calib, method=cfg.int8_calibration)
+    with ui.step(f"scoring the INT8 ONNX against FP32 PyTorch ({cfg.int8_eval_images} labelled validation images)"):
+        images, labels = validation_batch(recipe, spec.input_size, spec.num_classes, cfg.int8_eval_images)
+        acc = int8_accuracy(model, tmp_int8, images, labels, max_top1_drop=cfg.int8_max_top1_drop)
+    return {**acc, "path": str(final), "quantization": info, "bytes": tmp_int8.stat().st_size,
+            # the file's own accuracy, for a reader that does not know which gate was applied
+            "top1_agreement": acc["top1_agreement"]}
+
+
+def _calibration(recipe: Recipe, input_size: int, num_classes: int, count: int):
+    from gslim.data import calibration_batch
+
+    return calibration_batch(recipe.data, input_size, num_classes, seed=recipe.seed, count=count)
 
 
 def _check(part: dict) -> None:
@@ -262,6 +298,11 @@ def _load(checkpoint: Path, recipe: Recipe, match_recipe_model: bool = False):
 
 def parity_images(recipe: Recipe, input_size: int, num_classes: int, count: int) -> "torch.Tensor":  # noqa: F821
     """The first ``count`` validation images (no augmentation), as one CPU tensor."""
+    return validation_batch(recipe, input_size, num_classes, count)[0]
+
+
+def validation_batch(recipe: Recipe, input_size: int, num_classes: int, count: int):
+    """The first ``count`` validation images (no augmentation) and their labels, as CPU tensors."""
     import torch
 
     from gslim.data import eval_view, make_dataset, make_loader
@@ -269,20 +310,14 @@ def parity_images(recipe: Recipe, input_size: int, num_classes: int, count: int)
     limit = count if recipe.data.val_images is None else min(count, recipe.data.val_images)
     cfg = recipe.data.model_copy(update={"val_images": limit})
     ds = eval_view(make_dataset(cfg, "val", input_size, num_classes, seed=recipe.seed))
-    xs, n = [], 0
-    for x, _ in make_loader(ds, batch_size=min(limit, 64), shuffle=False, workers=cfg.workers):
+    xs, ys, n = [], [], 0
+    for x, y in make_loader(ds, batch_size=min(limit, 64), shuffle=False, workers=cfg.workers):
         xs.append(x)
+        ys.append(y)
         n += x.shape[0]
         if n >= limit:
             break
-    return torch.cat(xs)[:limit].float().contiguous()
-
-
-def calibration_images(recipe: Recipe, input_size: int, num_classes: int) -> "torch.Tensor":  # noqa: F821
-    from gslim.data import calibration_batch
-
-    images, _ = calibration_batch(recipe.data, input_size, num_classes, seed=recipe.seed)
-    return images
+    return torch.cat(xs)[:limit].float().contiguous(), torch.cat(ys)[:limit].long()
 
 
 class _Steps:
@@ -313,9 +348,17 @@ class _Steps:
     def done(self, summary: dict) -> None:
         if self.console is None:
             return
-        for key in ("onnx", "onnx_fp16", "engine"):
+        for key in ("onnx", "onnx_fp16", "onnx_int8", "engine"):
             r = summary["results"].get(key)
-            if r:
+            if r and key == "onnx_int8":
+                self.console.print(
+                    f"  {r['path']}: top-1 {r['int8_top1']:.2f}% vs FP32 {r['fp32_top1']:.2f}% "
+                    f"(drop {r['top1_drop']:.2f} <= {r['max_top1_drop']}), agreement {r['top1_agreement']:.1%} "
+                    f"on {r['images']} images",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            elif r:
                 gate = f"<= {r['effective_limit']:.1e}" if r.get("effective_limit") is not None else "n/a"
                 self.console.print(
                     f"  {r['path']}: max diff {r['max_abs_diff']:.2e} ({gate}), "
@@ -366,8 +409,24 @@ def register(app: typer.Typer) -> None:
             help="Fix the batch size in the graph (see --batch) instead of a dynamic axis.",
         ),
         batch: int = typer.Option(1, "--batch", min=1, help="Batch size of a --static-batch export."),
+        int8: bool = typer.Option(
+            False,
+            "--int8",
+            help="Also write a Q/DQ INT8 ONNX (OUT_DIR/model.int8.onnx), calibrated on the recipe's calibration "
+            "images, and fail when its top-1 drops more than --int8-max-drop points below FP32.",
+        ),
+        int8_calibration: Optional[str] = typer.Option(
+            None, "--int8-calibration", help="INT8 activation ranges: minmax, entropy or percentile (default: minmax)."
+        ),
+        calib_images: Optional[int] = typer.Option(
+            None, "--calib-images", min=1, help="Calibration images for INT8 (default: data.calib_images)."
+        ),
+        int8_max_drop: Optional[float] = typer.Option(
+            None, "--int8-max-drop", min=0.0, help="Largest INT8 top-1 drop in points vs FP32 (default: 1.0)."
+        ),
         engine: Optional[Path] = typer.Option(
-            None, "--engine", help="Also build a TensorRT engine here (needs TensorRT and a CUDA GPU)."
+            None, "--engine", help="Also build a TensorRT engine here (needs TensorRT and a CUDA GPU); "
+            "--precision int8 builds it from the Q/DQ INT8 ONNX."
         ),
         precision: Optional[str] = typer.Option(
             None, "--precision", help="Engine precision: fp32, fp16 or int8 (default: recipe, fp16)."
@@ -427,6 +486,8 @@ def register(app: typer.Typer) -> None:
         """Export a checkpoint to ONNX (and FP16 ONNX / a TensorRT engine) and prove parity on real images."""
         if precision is not None and precision not in ("fp32", "fp16", "int8"):
             raise GslimError(f"--precision must be fp32, fp16 or int8, got {precision!r}")
+        if int8_calibration is not None and int8_calibration not in ("minmax", "entropy", "percentile"):
+            raise GslimError(f"--int8-calibration must be minmax, entropy or percentile, got {int8_calibration!r}")
         rec = recipe_from_cli(
             recipe,
             sets,
@@ -434,6 +495,10 @@ def register(app: typer.Typer) -> None:
             export__dynamic_batch=False if static_batch else None,
             export__fp16_onnx=True if fp16_onnx else None,
             export__engine=True if engine else None,
+            export__int8=True if int8 else None,
+            export__int8_calibration=int8_calibration,
+            export__int8_calib_images=calib_images,
+            export__int8_max_top1_drop=int8_max_drop,
             export__precision=precision,
             export__min_batch=min_batch,
             export__opt_batch=opt_batch,
@@ -464,6 +529,6 @@ def register(app: typer.Typer) -> None:
         )
         typer.echo(
             f"exported {summary['onnx']}"
-            + "".join(f", {summary[k]}" for k in ("onnx_fp16", "engine") if summary.get(k))
+            + "".join(f", {summary[k]}" for k in ("onnx_fp16", "onnx_int8", "engine") if summary.get(k))
             + f" (parity passed; report {summary['parity']})"
         )

@@ -8,7 +8,7 @@ is already there, so an interrupted run resumes where it stopped; ``--force`` re
       base.pt                      trained base model (only when the recipe has a train section)
       slim.pt, selection.json      the main budget, one-shot (selection + slimming + BN re-calibration)
       finetuned.pt                 the main budget after fine-tuning with distillation
-      export/base/, export/main/   model.onnx (+ fp16 / engine) and parity.json
+      export/base/, export/main/   model.onnx (+ fp16 / int8 / engine) and parity.json
       sweep/<budget>/              the same for each extra budget of the trade-off plot
       report/                      latency.json, report.json, report.md, tradeoff.png
 """
@@ -127,19 +127,29 @@ def run_pipeline(recipe: Recipe, *, force: bool = False, progress: bool = True) 
         _stage(f"export[{label}]", onnx.is_file() and not force,
                lambda: export_stage(ckpt, recipe, edir, force=force, progress=progress), timings)
         exports[label] = {"dir": edir, "onnx": onnx,
-                          "engine": edir / "model.engine" if (edir / "model.engine").is_file() else None}
+                          "engine": edir / "model.engine" if (edir / "model.engine").is_file() else None,
+                          "int8": edir / "model.int8.onnx" if (edir / "model.int8.onnx").is_file() else None}
 
     # 5. profile and report
     artifacts = []
+    int8_sets = []
     if base_path is not None:
         artifacts.append(ArtifactSet("base", "base", base_path, exports["base"]["onnx"], exports["base"]["engine"]))
+        int8_sets.append(("base", "base", {}))
     for label, out_dir, r in budgets:
         frac = results[label]["macs_fraction"]
         name = f"{r.compress.criterion} {100 * frac:.0f}% MACs"
+        extra = {"criterion": r.compress.criterion, "macs_fraction": round(frac, 4)}
         artifacts.append(ArtifactSet(name, "compressed", out_dir / "finetuned.pt", exports[label]["onnx"],
                                      exports[label]["engine"],
-                                     extra={"criterion": r.compress.criterion, "macs_fraction": round(frac, 4),
-                                            "one_shot_top1": results[label]["one_shot_top1"]}))
+                                     extra={**extra, "one_shot_top1": results[label]["one_shot_top1"]}))
+        int8_sets.append((label, name, extra))
+    # the Q/DQ INT8 ONNX of each model, beside its FP32 row (ONNX backends only: the PyTorch
+    # backends have no INT8 form of it and say so)
+    for label, name, extra in int8_sets:
+        if exports[label]["int8"] is not None:
+            artifacts.append(ArtifactSet(f"{name} INT8", "compressed", None, exports[label]["int8"], None,
+                                         extra={**extra, "precision": "int8", "fp32_of": name}))
     report_dir = run_dir / "report"
     summary = _stage("profile", (report_dir / "report.md").is_file() and not force,
                      lambda: profile_stage(artifacts, recipe, report_dir, force=force, progress=progress), timings)

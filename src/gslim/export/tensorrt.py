@@ -7,14 +7,17 @@ gslim is affected. Device buffers are torch CUDA tensors (``data_ptr()`` goes to
 
 Precision differs by major version:
 
-* TensorRT 10.x builds a weakly typed network from the FP32 ONNX and enables reduced
-  precision with ``BuilderFlag.FP16`` / ``BuilderFlag.INT8``; INT8 scales come from an
-  ``IInt8EntropyCalibrator2`` fed with calibration images (or from Q/DQ nodes when the
-  ONNX already has them).
-* TensorRT 11.x removed those flags and calibrators: every network is strongly typed, so
+* FP32/FP16 on TensorRT 10.x: a weakly typed network from the FP32 ONNX, reduced precision
+  enabled with ``BuilderFlag.FP16``.
+* FP32/FP16 on TensorRT 11.x, which removed those flags: every network is strongly typed, so
   precision lives in the ONNX. FP16 builds from the FP16 ONNX (FP32 I/O, made with
-  :func:`gslim.export.onnx.convert_fp16` when not given), INT8 from an ONNX with Q/DQ nodes
-  (made with NVIDIA ModelOpt's ``modelopt.onnx.quantization.quantize`` when installed).
+  :func:`gslim.export.onnx.convert_fp16` when not given).
+* INT8, one path for both: the Q/DQ ONNX that ``gslim export --int8`` writes
+  (:mod:`gslim.export.int8`), parsed into a strongly typed network (the
+  ``STRONGLY_TYPED`` creation flag on 10.x, the only mode on 11.x) with no precision flags:
+  "Use explicit quantization with Strong Typing. Precision-control build flags are not
+  required and should not be specified" (TensorRT developer guide, Explicit Quantization).
+  The implicit calibrators (deprecated in 10.1, removed in 11) are not used.
 
 A request for FP16 never silently yields an FP32 engine: on 10.x the builder must report
 fast FP16 (``platform_has_fast_fp16``), on 11.x the network parsed must carry FP16 tensors.
@@ -39,7 +42,6 @@ INSTALL_HINT = (
     "pip install 'gslim[gpu]' "
     "(on Jetson, TensorRT comes with JetPack: sudo apt-get install python3-libnvinfer)"
 )
-MODELOPT_HINT = "pip install 'nvidia-modelopt[onnx]'"
 #: Engine vs ONNX Runtime FP32, relative to max(1, max|logit|). FP32 engines are built
 #: without TF32 (true FP32; kernels and fusions still differ from ORT's), FP16 engines may
 #: also accumulate in FP16 in some tactics, hence twice the FP16-ONNX tolerance. INT8 logits
@@ -137,18 +139,17 @@ def build_engine(
     optimization_level: int = 3,
     timing_cache: Optional[Path] = None,
     dla_core: Optional[int] = None,
-    calib_images: Optional["torch.Tensor"] = None,  # noqa: F821
-    calib_batch: int = 8,
-    calib_cache: Optional[Path] = None,
     fp16_onnx: Optional[Path] = None,
+    int8_onnx: Optional[Path] = None,
     tf32: bool = False,
 ) -> dict:
     """Build and atomically write a serialized engine; return what was built (a JSON-able dict).
 
     ``min/opt/max_batch`` form the optimization profile of a dynamic batch (ignored for a
     static-batch ONNX). ``timing_cache`` is read when it exists and written back after the
-    build, so repeated builds skip kernel timing. ``calib_images`` (N, C, H, W) calibrate
-    INT8. ``fp16_onnx`` is the FP16 ONNX to use on TensorRT >= 11 (made on the fly if None).
+    build, so repeated builds skip kernel timing. ``fp16_onnx`` is the FP16 ONNX to use on
+    TensorRT >= 11 (made on the fly if None); ``int8_onnx`` the Q/DQ ONNX an INT8 engine is built
+    from (``onnx_path`` itself when it already has Q/DQ nodes).
     """
     trt, major = require_engine_support()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -163,7 +164,6 @@ def build_engine(
     if dla_core is not None and precision == "fp32":
         raise GslimError("DLA runs FP16 or INT8 only: pass --precision fp16 or int8 with --dla-core")
 
-    from gslim.export.onnx import has_qdq
 
     info: dict[str, Any] = {
         "path": str(engine_path),
@@ -179,10 +179,14 @@ def build_engine(
         source = onnx_path
         builder = trt.Builder(logger)
         config = builder.create_builder_config()
-        keep_alive: list[Any] = []  # the calibrator must outlive the build
-        if major >= 11:
+        strongly_typed = False
+        if precision == "int8":
+            source = _qdq_source(onnx_path, int8_onnx)
+            network, strongly_typed = _qdq_network(trt, builder, major)
+            mode = "strongly-typed Q/DQ ONNX"
+        elif major >= 11:
             # Strongly typed always (the STRONGLY_TYPED creation flag is deprecated and ignored).
-            source, mode = _typed_source_v11(precision, onnx_path, fp16_onnx, calib_images, scratch)
+            source, mode = _typed_source_v11(precision, onnx_path, fp16_onnx, scratch)
             network = builder.create_network(0)
         else:
             network = builder.create_network(0)
@@ -212,24 +216,13 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
         config.builder_optimization_level = int(optimization_level)
 
-        if major >= 11:
+        if major >= 11 or strongly_typed:
             if precision == "fp16" and not _network_has_half(trt, network):
                 raise GslimError(
                     f"{source.name} parsed without FP16 tensors; refusing to build an FP32 engine for fp16"
                 )
         else:
-            mode = _configure_precision_v10(
-                trt,
-                builder,
-                config,
-                network,
-                precision,
-                calib_images,
-                calib_batch,
-                calib_cache,
-                keep_alive,
-                has_qdq(source),
-            )
+            mode = _configure_precision_weak(trt, builder, config, precision)
         if precision == "fp32" and not tf32 and hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)  # "fp32" means FP32 math, not TF32 tensor cores
         info["mode"] = mode
@@ -256,58 +249,47 @@ def build_engine(
             if cache is not None:
                 blob = bytes(memoryview(cache.serialize()))
                 atomic_write(Path(timing_cache), lambda tmp: tmp.write_bytes(blob))
-        del keep_alive
     info["warnings"] = logger.warnings[:5]
     return info
 
 
-def _typed_source_v11(
-    precision: str, onnx_path: Path, fp16_onnx: Optional[Path], calib_images, scratch: Path
-) -> tuple[Path, str]:
-    """The ONNX that carries the precision on TensorRT >= 11 (strong typing)."""
-    from gslim.export.onnx import convert_fp16, has_float16, has_qdq
+def _typed_source_v11(precision: str, onnx_path: Path, fp16_onnx: Optional[Path], scratch: Path) -> tuple[Path, str]:
+    """The ONNX that carries an FP32/FP16 precision on TensorRT >= 11 (strong typing)."""
+    from gslim.export.onnx import convert_fp16, has_float16
 
     if precision == "fp32":
         return onnx_path, "strongly-typed FP32 ONNX"
-    if precision == "fp16":
-        if fp16_onnx is not None:
-            if not has_float16(Path(fp16_onnx)):
-                raise GslimError(f"{fp16_onnx} has no FP16 tensors; cannot build an FP16 engine from it")
-            return Path(fp16_onnx), "strongly-typed FP16 ONNX"
-        if has_float16(onnx_path):
-            return onnx_path, "strongly-typed FP16 ONNX"
-        out = convert_fp16(onnx_path, scratch / f"{onnx_path.stem}.fp16.onnx")
-        return out, "strongly-typed FP16 ONNX (converted with onnxconverter-common)"
-    # int8: explicit quantization
-    if has_qdq(onnx_path):
-        return onnx_path, "strongly-typed Q/DQ ONNX"
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "INT8 on TensorRT >= 11 needs an ONNX with Q/DQ nodes (implicit INT8 calibration was removed); "
-            f"install NVIDIA ModelOpt to make one: {MODELOPT_HINT}"
-        ) from exc
-    if calib_images is None or len(calib_images) == 0:
-        raise GslimError("INT8 quantization needs calibration images (data.calib_images)")
-    out = scratch / f"{onnx_path.stem}.int8.qdq.onnx"
-    calib = np.ascontiguousarray(calib_images.detach().cpu().float().numpy())
-    try:
-        quantize(
-            onnx_path=str(onnx_path),
-            quantize_mode="int8",
-            calibration_data=calib,
-            calibration_method="entropy",
-            calibration_eps=["cpu"],
-            output_path=str(out),
-        )
-    except Exception as exc:  # noqa: BLE001 - ModelOpt's errors have no common base class
-        from gslim.export.onnx import first_line
+    if fp16_onnx is not None:
+        if not has_float16(Path(fp16_onnx)):
+            raise GslimError(f"{fp16_onnx} has no FP16 tensors; cannot build an FP16 engine from it")
+        return Path(fp16_onnx), "strongly-typed FP16 ONNX"
+    if has_float16(onnx_path):
+        return onnx_path, "strongly-typed FP16 ONNX"
+    out = convert_fp16(onnx_path, scratch / f"{onnx_path.stem}.fp16.onnx")
+    return out, "strongly-typed FP16 ONNX (converted with onnxconverter-common)"
 
-        raise GslimError(f"ModelOpt INT8 quantization of {onnx_path.name} failed: {first_line(exc)}") from exc
-    if not out.is_file() or not has_qdq(out):
-        raise GslimError(f"ModelOpt produced no Q/DQ ONNX for {onnx_path.name}")
-    return out, "strongly-typed Q/DQ ONNX (ModelOpt entropy calibration)"
+
+def _qdq_source(onnx_path: Path, int8_onnx: Optional[Path]) -> Path:
+    """The Q/DQ ONNX an INT8 engine is built from."""
+    from gslim.export.onnx import has_qdq
+
+    source = Path(int8_onnx) if int8_onnx is not None else onnx_path
+    if not source.is_file():
+        raise GslimError(f"INT8 ONNX not found: {source}")
+    if not has_qdq(source):
+        raise GslimError(
+            f"{source.name} has no Q/DQ nodes: INT8 engines are built from a Q/DQ ONNX "
+            "(gslim export MODEL.pt --int8 writes model.int8.onnx; pass it, or --engine with --precision int8)"
+        )
+    return source
+
+
+def _qdq_network(trt, builder, major: int):
+    """A strongly typed network for a Q/DQ ONNX (the creation flag on 10.x; 11.x has only that mode
+    and deprecated the flag)."""
+    if major >= 11:
+        return builder.create_network(0), True
+    return builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)), True
 
 
 def _network_has_half(trt, network) -> bool:
@@ -319,18 +301,8 @@ def _network_has_half(trt, network) -> bool:
     return False
 
 
-def _configure_precision_v10(
-    trt,
-    builder,
-    config,
-    network,
-    precision,
-    calib_images,
-    calib_batch,
-    calib_cache,
-    keep_alive,
-    qdq: bool,
-) -> str:
+def _configure_precision_weak(trt, builder, config, precision: str) -> str:
+    """Precision flags of a weakly typed network (TensorRT 10.x FP32/FP16)."""
     if precision == "fp32":
         return "weakly-typed FP32"
     fast_fp16 = bool(getattr(builder, "platform_has_fast_fp16", True))
@@ -341,74 +313,8 @@ def _configure_precision_v10(
                 "refusing to build an FP32 "
                 "engine for --precision fp16 (use --precision fp32)"
             )
-        config.set_flag(trt.BuilderFlag.FP16)
-        return "weakly-typed, BuilderFlag.FP16"
-    # int8
-    if not bool(getattr(builder, "platform_has_fast_int8", True)):
-        raise GslimError(
-            "this GPU has no fast INT8 (builder.platform_has_fast_int8 is False); use fp16 or fp32"
-        )
-    config.set_flag(trt.BuilderFlag.INT8)
-    if fast_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)  # layers left unquantized run in FP16, not FP32
-    if qdq:
-        return "explicit Q/DQ, BuilderFlag.INT8"
-    if calib_images is None or len(calib_images) == 0:
-        raise GslimError("INT8 calibration needs calibration images (data.calib_images)")
-    inp = network.get_input(0)
-    dims = tuple(int(d) for d in inp.shape)[1:]
-    batch = max(1, min(int(calib_batch), len(calib_images)))
-    if int(inp.shape[0]) != -1:
-        batch = int(inp.shape[0])
-    calibrator = _entropy_calibrator(trt, calib_images, batch, calib_cache)
-    keep_alive.append(calibrator)
-    config.int8_calibrator = calibrator
-    if int(inp.shape[0]) == -1:
-        profile = builder.create_optimization_profile()
-        shape = (batch, *dims)
-        profile.set_shape(inp.name, shape, shape, shape)
-        config.set_calibration_profile(profile)
-        keep_alive.append(profile)
-    return f"weakly-typed, BuilderFlag.INT8 with IInt8EntropyCalibrator2 ({len(calib_images)} images)"
-
-
-def _entropy_calibrator(trt, images, batch: int, cache_path: Optional[Path]):
-    import torch
-
-    class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        """Feeds calibration batches from one reusable CUDA tensor (its data_ptr goes to TensorRT)."""
-
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.images = images.detach().cpu().float().contiguous()
-            self.batch = batch
-            self.next = 0
-            self.device_batch = torch.empty(
-                (batch, *self.images.shape[1:]), dtype=torch.float32, device="cuda"
-            )
-
-        def get_batch_size(self) -> int:
-            return self.batch
-
-        def get_batch(self, names, *args):  # older bindings pass (names), some (names, p_str)
-            if self.next + self.batch > self.images.shape[0]:
-                return None
-            self.device_batch.copy_(self.images[self.next : self.next + self.batch], non_blocking=False)
-            torch.cuda.synchronize()
-            self.next += self.batch
-            return [int(self.device_batch.data_ptr())]
-
-        def read_calibration_cache(self):
-            if cache_path is not None and Path(cache_path).is_file():
-                return Path(cache_path).read_bytes()
-            return None
-
-        def write_calibration_cache(self, cache) -> None:
-            if cache_path is not None:
-                blob = bytes(memoryview(cache))
-                atomic_write(Path(cache_path), lambda tmp: tmp.write_bytes(blob))
-
-    return _EntropyCalibrator()
+    config.set_flag(trt.BuilderFlag.FP16)
+    return "weakly-typed, BuilderFlag.FP16"
 
 
 def _configure_dla(trt, builder, config, dla_core: int) -> None:

@@ -499,6 +499,8 @@ def onnx_io_info(path: Path) -> dict[str, Any]:
     weight_type = max(counts, key=counts.get) if counts else onnx.TensorProto.FLOAT
     weights = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
                onnx.TensorProto.BFLOAT16: "bf16"}[weight_type]
+    if any(n.op_type == "DequantizeLinear" for n in graph.node):
+        weights = "int8"  # a Q/DQ file (gslim export --int8): its convolutions run on INT8 weights
     return {"input": inputs[0].name, "dims": dims, "weights": weights,
             "outputs": [o.name for o in graph.output]}
 
