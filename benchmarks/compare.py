@@ -16,7 +16,9 @@ fvcore MACs) and every method:
   its default scope (stem, stage widths, SE, hidden Linears), and its ``pruning_ratio``
   bisected to the smallest ratio whose fvcore MACs are at most the budget;
 
-then the same for all: BatchNorm re-calibration on the same calibration images, one-shot
+The base model itself first gets the BatchNorm re-calibration below (it is the reference, the
+teacher and what every method selects from). Then the same for all: BatchNorm
+re-calibration on the same calibration images, one-shot
 top-1, the same short distillation fine-tune (``gslim.train.fit``, identical FinetuneConfig,
 the base model as teacher, on the first ``--finetune-images`` training images), top-1 again,
 ONNX export, and ONNX Runtime CPU latency (1 thread, batch 1), every model of a (base,
@@ -351,7 +353,17 @@ def settings_key(ctx: Context, arch: str, budget: str, base_digest: str) -> dict
             "calib_images": a.calib_images, "val_images": a.val_images, "finetune_images": a.finetune_images,
             "finetune_epochs": a.finetune_epochs, "finetune_steps": a.finetune_steps, "loss_batch": a.loss_batch,
             "opset": a.opset, "quick": a.quick, "recipe": str(a.recipe),
-            **({"finetune_lr": a.finetune_lr} if a.finetune_lr is not None else {})}
+            **({"finetune_lr": a.finetune_lr} if a.finetune_lr is not None else {}),
+            # gslim's compress defaults (ridge, ...): a change of defaults invalidates the cache
+            "compress_defaults": _compress_defaults()}
+
+
+def _compress_defaults() -> dict:
+    from gslim.recipe import CompressConfig
+
+    d = CompressConfig().model_dump(mode="json")
+    return {k: d[k] for k in sorted(d) if k not in ("criterion", "eps", "target_macs", "target_params",
+                                                     "round_to", "bn_recalib", "seed")}
 
 
 def run_method(ctx: Context, method: str, arch: str, budget: str, base: nn.Module, spec, recipe,
