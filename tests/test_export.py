@@ -513,7 +513,7 @@ def test_export_stage_with_engine(checkpoint, tmp_path):
 
 # --------------------------------------------------------------------------- stand-in TensorRT
 # The real engine tests above need a GPU. These run the version dispatch of build_engine
-# (10.x flags and calibrator vs 11.x strong typing) against a minimal stand-in module that
+# (10.x flags vs 11.x strong typing; INT8 from the Q/DQ ONNX on both) against a minimal stand-in module that
 # records what was asked of it; the API names it offers are those of the 10.x / 11.x bindings.
 
 

@@ -106,13 +106,13 @@ def consumer_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Always a new tensor: a later in-place op on ``x`` cannot change the rows.
     """
     if isinstance(mod, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).clone()
+        return _own(x.reshape(-1, x.shape[-1]), x)
     kh, kw = mod.kernel_size
-    x = _padded(mod, x)
+    src, x = x, _padded(mod, x)
     if (kh, kw) == (1, 1) and mod.dilation == (1, 1):
         sh, sw = mod.stride
         x = x[:, :, ::sh, ::sw]
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).clone()
+        return _own(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), src)
     cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -123,14 +123,21 @@ def target_rows(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     Always a new tensor, so it can be taken inside a hook and kept: an in-place activation
     after the consumer (``ReLU(inplace=True)``) would otherwise overwrite the target.
     """
+    src = y
     if mod.bias is not None:
         shape = [1, -1] + [1] * (y.dim() - 2)
         y = y - mod.bias.view(shape)
-    else:
-        y = y.clone()
-    if y.dim() == 2:
-        return y
-    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    if y.dim() != 2:
+        y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    return _own(y, src)
+
+
+def _own(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it has its own memory, else a copy (a view of ``src`` could be
+    overwritten by an in-place op on ``src``)."""
+    if t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 def kernel_group(mod: nn.Module) -> int:
