@@ -15,9 +15,21 @@
 #   base image means changing TORCH_INDEX_URL to the matching cuXYZ index; never a CPU or
 #   other-CUDA torch.
 # - TensorRT: the image's own `tensorrt` package is pinned as a pip constraint, so the gpu extra
-#   ("tensorrt>=10") is satisfied by it and pip never installs a second TensorRT from PyPI.
-# - ONNX Runtime: gslim needs `onnxruntime` and its gpu extra adds `onnxruntime-gpu`; both install
-#   the same `onnxruntime` module, so the CPU package is removed and the GPU one reinstalled.
+#   ("tensorrt>=10") is satisfied by it and pip never installs a second TensorRT from PyPI (a
+#   TensorRT 11 from PyPI would switch gslim to its TensorRT 11 path). The pin comes from
+#   `pip list --format=freeze`, which prints NAME==VERSION also for a wheel installed from a file
+#   (`pip freeze` prints `tensorrt @ file://...` there), and an empty pin fails the build.
+# - ONNX Runtime: onnxruntime-gpu pinned (ORT_GPU_VERSION) to a build for this image's CUDA and
+#   TensorRT majors. Checked on 2026-12-01 by reading the PyPI wheel of 1.31.1: its provider
+#   libraries need libcudart.so.13, libcublas(Lt).so.13, libcudnn.so.9 and libnvinfer.so.10
+#   (readelf -d), and its `cuda` extra asks for nvidia-cuda-runtime~=13.0: the CUDA 13 build, with
+#   the TensorRT EP built against TensorRT 10, as this image has. (ORT 1.22-1.2x put only CUDA 12
+#   builds on PyPI; changing the pin or the base image is checked by the build, below.) gslim needs
+#   `onnxruntime` and the gpu extra adds `onnxruntime-gpu`; both install the same module, so the
+#   CPU package is removed and the GPU one reinstalled.
+# - The build fails, without needing a GPU, when the stack does not fit together: `ldd` of ORT's
+#   CUDA and TensorRT provider libraries must find every library, and the TensorRT Python
+#   module's version must be the version of the image's libnvinfer.
 # - The system Python is used (the container is the isolation): PIP_BREAK_SYSTEM_PACKAGES lets
 #   pip install next to the image's TensorRT despite Ubuntu's externally-managed marker.
 # - gslim runs as the unprivileged user `gslim` (uid 10001); with a bind mount, pass --user so files in the
@@ -30,6 +42,7 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+ARG ORT_GPU_VERSION=1.31.1
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -50,13 +63,23 @@ WORKDIR /opt/gslim
 # .dockerignore lets only pyproject.toml, README.md, src/ and configs/ in.
 COPY . .
 
-RUN python3 -m pip freeze | grep -iE '^tensorrt([-_][a-z0-9_]+)?==' > /tmp/image-constraints.txt || true; \
-    python3 -m pip install --no-cache-dir -c /tmp/image-constraints.txt ".[gpu]" \
-    && ort_version="$(python3 -m pip show onnxruntime-gpu | sed -n 's/^Version: //p')" \
-    && python3 -m pip uninstall -y onnxruntime \
-    && python3 -m pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ort_version}" \
-    && python3 -c "import gslim, onnxruntime, tensorrt, torch; print('gslim', gslim.__version__, '| torch', torch.__version__, 'CUDA', torch.version.cuda, '| TensorRT', tensorrt.__version__, '| onnxruntime', onnxruntime.__version__)" \
-    && rm -f /tmp/image-constraints.txt
+RUN set -eu; \
+    python3 -m pip list --format=freeze | grep -iE '^tensorrt([-_][a-z0-9_]+)?==' > /tmp/image-constraints.txt \
+        || { echo "the base image has no tensorrt Python package to pin" >&2; exit 1; }; \
+    python3 -m pip install --no-cache-dir -c /tmp/image-constraints.txt ".[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}"; \
+    python3 -m pip uninstall -y onnxruntime; \
+    python3 -m pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ORT_GPU_VERSION}"; \
+    capi="$(python3 -c 'import os, onnxruntime; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))')"; \
+    for lib in libonnxruntime_providers_cuda.so libonnxruntime_providers_tensorrt.so; do \
+        test -f "${capi}/${lib}" || { echo "onnxruntime-gpu has no ${lib}" >&2; exit 1; }; \
+        if ldd "${capi}/${lib}" | grep 'not found'; then echo "${lib} cannot load in this image (above)" >&2; exit 1; fi; \
+    done; \
+    trt_py="$(python3 -c 'import tensorrt; print(tensorrt.__version__)')"; \
+    nvinfer="$(readlink -f "$(ldconfig -p | awk '/libnvinfer\.so\.[0-9]+ /{print $NF; exit}')")"; \
+    trt_lib="${nvinfer##*libnvinfer.so.}"; \
+    case "${trt_py}" in "${trt_lib}"*) ;; *) echo "tensorrt ${trt_py} != libnvinfer ${trt_lib}" >&2; exit 1 ;; esac; \
+    python3 -c "import gslim, onnxruntime, tensorrt, torch; print('gslim', gslim.__version__, '| torch', torch.__version__, 'CUDA', torch.version.cuda, '| TensorRT', tensorrt.__version__, '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"; \
+    rm -f /tmp/image-constraints.txt
 
 RUN useradd --create-home --shell /usr/sbin/nologin --uid 10001 --user-group gslim \
     && mkdir -p /work \

@@ -12,7 +12,12 @@ model:
   CPU, of the FP32 ONNX and of the INT8 Q/DQ ONNX that ``gslim export --int8`` writes
   (calibrated on the recipe's calibration images, the same seeded subset compress uses);
 * ONNX Runtime CPU latency at 224x224 (the same weights: the networks are resolution-agnostic),
-  1 thread, batch 1, all six files of an architecture timed interleaved in one process.
+  1 thread, batch 1, all files of an architecture timed interleaved in one process.
+
+Each compressed model is also fine-tuned (``--finetune-images``, the recipe's finetune
+section: distillation from the base, as ``benchmarks/compare.py`` does) and measured again,
+and ``--round-to`` adds the first budget at wider channel alignments (16, 32: does INT8 want
+them?), one-shot.
 
 Prints one markdown table per architecture with the CPU's name and whether it has VNNI (the
 8-bit dot-product instructions ORT's INT8 kernels use); writes ``int8.json`` next to it.
@@ -48,12 +53,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--latency-rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"])
+    ap.add_argument("--finetune-images", type=int, default=4000, help="0: no fine-tuned rows")
+    ap.add_argument("--round-to", default="16,32", help="extra alignments for the first budget ('' for none)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
         a.archs, a.budgets, a.calib_images, a.val_images = "mobilenet_v2", "50%", 64, 128
         a.latency_size, a.latency_seconds, a.latency_rounds = 64, 0.2, 2
+        a.finetune_images, a.round_to = 64, "16"
     return a
 
 
@@ -78,6 +86,25 @@ def ort_top1(path: Path, loader) -> float:
             right += int((torch.from_numpy(r.infer(x)).argmax(1) == y).sum())
             total += int(y.numel())
     return 100.0 * right / max(total, 1)
+
+
+def finetune(model, widths, base, spec, recipe, a, arch):
+    """compare.py's fine-tune: the recipe's finetune section, distilled from a copy of the base."""
+    import copy
+
+    from gslim.models import ModelSpec
+    from gslim.train import fit
+
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ft = recipe.finetune.model_copy(update={"device": "cpu", "max_steps_per_epoch": 2 if a.quick else None})
+    data = recipe.data.model_copy(update={"train_images": a.finetune_images})
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(model, ModelSpec(arch, spec.num_classes, spec.input_size, widths=widths or None), ft, data, Path(tmp),
+            seed=recipe.seed, teacher=copy.deepcopy(base), force=True, output_name="finetuned.pt", progress=False,
+            quiet=True)
+    return model.eval()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -108,11 +135,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         size = spec.input_size
         calib_x, calib_y = calibration_batch(recipe.data, size, spec.num_classes, seed=recipe.seed)
         models = {"base": base}
-        for b in a.budgets.split(","):
+        budgets = a.budgets.split(",")
+        variants = [(b, 8) for b in budgets] + [(budgets[0], int(r)) for r in a.round_to.split(",") if r]
+        for b, r in variants:
             cfg = recipe.compress.model_copy(update={"criterion": "greedy", "target_macs": compare.budget_fraction(b),
-                                                     "eps": None})
-            compare.log(f"[{arch}] greedy {b}")
-            models[f"greedy {b}"] = compress_model(base, size, calib_x, calib_y, cfg, seed=recipe.seed).model
+                                                     "eps": None, "round_to": r, "min_width": max(8, r)})
+            name = f"greedy {b}" + ("" if r == 8 else f" round_to {r}")
+            compare.log(f"[{arch}] {name}")
+            res = compress_model(base, size, calib_x, calib_y, cfg, seed=recipe.seed)
+            models[name] = res.model
+            if r == 8 and a.finetune_images:
+                models[f"{name} + fine-tune"] = finetune(res.model, res.widths, base, spec, recipe, a, arch)
         base_macs = count_macs_params(base, size)[0]
         loader = compare.val_loader(recipe)
         rows: dict[str, dict] = {}

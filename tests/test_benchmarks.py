@@ -91,7 +91,7 @@ def test_int8_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "int8_quick.json").read_text())
     rows = report["archs"]["mobilenet_v2"]["rows"]
-    assert set(rows) == {"base", "greedy 50%"}
+    assert {"base", "greedy 50%", "greedy 50% + fine-tune", "greedy 50% round_to 16"} == set(rows)
     for r in rows.values():
         assert 0 <= r["int8_top1"] <= 100 and r["fp32_ms"] > 0 and r["int8_ms"] > 0
     assert "| greedy 50% |" in proc.stdout and "VNNI" in proc.stdout

@@ -49,12 +49,12 @@ class _GroupOmpState:
         g, F = st.group, st.G.shape[0]
         self.g, self.C = g, F // g
         lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
-        self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype)
+        self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype, device=st.G.device)
         self.c = st.B.clone()
-        idx = torch.arange(self.C)
+        idx = torch.arange(self.C, device=st.G.device)
         blocks = self.Gr.view(self.C, g, self.C, g)[idx, :, idx, :]  # (C, g, g) diagonal blocks
         self.R = blocks.clone()
-        self.V = torch.zeros(F, capacity * g, dtype=st.G.dtype)
+        self.V = torch.zeros(F, capacity * g, dtype=st.G.dtype, device=st.G.device)
         self.k = 0
         self.err = float(st.yy)
         self.yy = float(st.yy)
@@ -81,7 +81,7 @@ class _GroupOmpState:
         self.c -= v @ u
         vb = v.view(self.C, g, g)
         self.R -= vb @ vb.transpose(1, 2)
-        self.R[s] = torch.eye(g, dtype=self.R.dtype)  # selected: residual is zero; keep solves regular
+        self.R[s] = torch.eye(g, dtype=self.R.dtype, device=self.R.device)  # selected: residual is zero; keep solves regular
         self.V[:, self.k * g : (self.k + 1) * g] = v
         self.k += 1
         self.err -= float(u.pow(2).sum())
@@ -124,7 +124,7 @@ def _greedy_select(stats: list[Stats], k: Optional[int], eps: Optional[float], r
     states = [_GroupOmpState(st, ridge, limit) for st in stats]
     total = sum(s.yy for s in states) or 1.0
     chosen: list[int] = []
-    taken = torch.zeros(C, dtype=torch.bool)
+    taken = torch.zeros(C, dtype=torch.bool, device=stats[0].G.device)
     path: list[float] = []
     while len(chosen) < limit:
         score = sum(s.scores() for s in states)
@@ -149,7 +149,7 @@ def refit(st: Stats, keep: list[int], ridge: float = 1e-3) -> tuple[torch.Tensor
     G = st.G[cols][:, cols]
     B = st.B[cols]
     lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
-    W = torch.linalg.solve(G + lam * torch.eye(len(cols), dtype=G.dtype), B)
+    W = torch.linalg.solve(G + lam * torch.eye(len(cols), dtype=G.dtype, device=G.device), B)
     err = st.yy - 2.0 * float((W * B).sum()) + float((W * (G @ W)).sum())
     return W, max(err, 0.0) / (st.yy or 1.0)
 

@@ -430,7 +430,7 @@ def _refit_squeeze(sel: _Selection, name: str, st: Stats, keep: list[int], inter
     W, _ = refit(st, cols, ridge=sel.cfg.ridge)
     if st.held is not None:
         w0 = mod.weight.detach().double().reshape(mod.weight.shape[0], -1).T  # already sliced: (k, O)
-        W0 = torch.cat([w0, torch.zeros(1, w0.shape[1], dtype=w0.dtype)]) if intercept else w0
+        W0 = torch.cat([w0, w0.new_zeros(1, w0.shape[1])]) if intercept else w0
         if subset_error(st.held, cols, W0) < subset_error(st.held, cols, W):
             return
     with torch.no_grad():
@@ -533,14 +533,15 @@ def _loss_forward_selection(u: Unit, k: int, x: torch.Tensor, y: torch.Tensor, r
 
 
 def _scores(work: nn.Module, u: Unit, criterion: str, gen: torch.Generator) -> torch.Tensor:
+    device = next(work.parameters()).device
     if criterion == "l1":
-        total = torch.zeros(u.width)
+        total = torch.zeros(u.width, device=device)
         for p in u.producers:
             w = work.get_submodule(p).weight.detach()
             total += w.abs().reshape(w.shape[0], -1).sum(1)
         return total
     if criterion == "bn":
-        total = torch.zeros(u.width)
+        total = torch.zeros(u.width, device=device)
         bns = [m for m in u.members if isinstance(work.get_submodule(m), nn.modules.batchnorm._BatchNorm)]
         if not bns:  # e.g. a classifier's hidden Linear: no BN scale exists, rank by magnitude
             return _scores(work, u, "l1", gen)
@@ -548,8 +549,8 @@ def _scores(work: nn.Module, u: Unit, criterion: str, gen: torch.Generator) -> t
             total += work.get_submodule(m).weight.detach().abs()
         return total
     if criterion == "random":
-        return torch.rand(u.width, generator=gen)
-    return -torch.arange(u.width, dtype=torch.float32)  # uniform: keep the first channels
+        return torch.rand(u.width, generator=gen).to(device)
+    return -torch.arange(u.width, dtype=torch.float32, device=device)  # uniform: keep the first channels
 
 
 def _run_ranking(work: nn.Module, units: list[Unit], criterion: str, widths: dict[str, int],

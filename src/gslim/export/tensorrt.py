@@ -102,26 +102,60 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(torch.cuda.current_device())
 
 
+_LOGGERS: dict[int, Any] = {}
+
+
 def _logger(trt):
-    """An ILogger that keeps errors (for the one-line message) and the first warnings."""
+    """gslim's one capturing ILogger for this TensorRT module: keeps errors (for one-line
+    messages) and the first warnings.
+
+    TensorRT keeps the logger of the first builder or runtime a process creates and hands it
+    every later one's messages too, so gslim uses a single instance everywhere (builds, the
+    parity runner, the profiler): then its own errors always reach it. INFO and VERBOSE
+    messages return at once, before any string work. Errors are read per operation through
+    :meth:`mark` / ``first_error(since=...)``.
+    """
+    key = id(trt)
+    if key in _LOGGERS:
+        return _LOGGERS[key]
 
     class _CaptureLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
             self.warnings: list[str] = []
+            self._error = int(trt.ILogger.Severity.ERROR)
+            self._warning = int(trt.ILogger.Severity.WARNING)
 
         def log(self, severity, msg) -> None:
             sev = int(severity)
-            if sev <= int(trt.ILogger.Severity.ERROR):
+            if sev > self._warning:  # INFO, VERBOSE
+                return
+            if sev <= self._error:
                 self.errors.append(str(msg).strip())
-            elif sev == int(trt.ILogger.Severity.WARNING) and len(self.warnings) < 20:
+                del self.errors[:-50]
+            elif len(self.warnings) < 20:
                 self.warnings.append(str(msg).strip())
 
-        def first_error(self, default: str) -> str:
-            return self.errors[0].splitlines()[0] if self.errors else default
+        def mark(self) -> int:
+            return len(self.errors)
 
-    return _CaptureLogger()
+        def first_error(self, default: str, since: int = 0) -> str:
+            for err in self.errors[since:]:
+                line = next((ln.strip() for ln in err.splitlines() if ln.strip()), "")
+                if line:
+                    return line
+            return f"{default} (TensorRT reported no error text to gslim's logger)"
+
+    _LOGGERS[key] = _CaptureLogger()
+    return _LOGGERS[key]
+
+
+def bind_address(context, name: str, ptr: int) -> None:
+    """``set_tensor_address``, whose False return (wrong name, misaligned pointer) would
+    otherwise leave the engine reading or writing a stale buffer."""
+    if not context.set_tensor_address(name, int(ptr)):
+        raise GslimError(f"TensorRT refused the device address of tensor {name!r}")
 
 
 # --------------------------------------------------------------------------- build
@@ -161,6 +195,7 @@ def build_engine(
         raise GslimError(
             f"the batch profile needs 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}"
         )
+    check_dla_support(major, dla_core)
     if dla_core is not None and precision == "fp32":
         raise GslimError("DLA runs FP16 or INT8 only: pass --precision fp16 or int8 with --dla-core")
 
@@ -175,6 +210,7 @@ def build_engine(
         "dla_core": dla_core,
     }
     logger = _logger(trt)
+    since = logger.mark()
     with _scratch_dir(engine_path) as scratch:
         source = onnx_path
         builder = trt.Builder(logger)
@@ -196,7 +232,7 @@ def build_engine(
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(source)):
             errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-            first = errors[0].splitlines()[0] if errors else logger.first_error("unknown parser error")
+            first = errors[0].splitlines()[0] if errors else logger.first_error("unknown parser error", since)
             raise GslimError(f"TensorRT cannot parse {source.name}: {first}")
         if network.num_inputs != 1 or network.num_outputs != 1:
             raise GslimError(f"{source.name} must have one input and one output for gslim's engine builder")
@@ -239,7 +275,7 @@ def build_engine(
         info["build_s"] = round(time.perf_counter() - start, 2)
         if serialized is None:
             raise GslimError(
-                f"TensorRT could not build the engine: {logger.first_error('see the TensorRT log')}"
+                f"TensorRT could not build the engine: {logger.first_error('see the TensorRT log', since)}"
             )
         data = bytes(memoryview(serialized))
         atomic_write(engine_path, lambda tmp: tmp.write_bytes(data))
@@ -317,6 +353,14 @@ def _configure_precision_weak(trt, builder, config, precision: str) -> str:
     return "weakly-typed, BuilderFlag.FP16"
 
 
+def check_dla_support(major: int, dla_core: Optional[int]) -> None:
+    """DLA exists on TensorRT 10.x (JetPack 6); TensorRT 11 releases do not support it
+    (TensorRT 11.3 developer guide, "Strongly Typed Networks for DLA": "DLA is not supported in
+    TensorRT 11.3.0 ... DLA was also not supported in TensorRT 11.0, 11.1, or 11.2")."""
+    if dla_core is not None and major >= 11:
+        raise GslimError(f"--dla-core needs TensorRT 10.x (JetPack): TensorRT {major}.x does not support DLA")
+
+
 def _configure_dla(trt, builder, config, dla_core: int) -> None:
     cores = int(getattr(builder, "num_DLA_cores", 0))
     if dla_core >= cores:
@@ -377,6 +421,8 @@ class TrtRunner:
             raise GslimError(f"engine not found: {self.path}")
         self._trt = trt
         self._logger = _logger(trt)
+        since = self._logger.mark()
+        check_dla_support(trt_major(trt), self.dla_core)
         self._runtime = trt.Runtime(self._logger)
         if self.dla_core is not None:
             self._runtime.DLA_core = int(self.dla_core)
@@ -384,7 +430,7 @@ class TrtRunner:
         if self._engine is None:
             raise GslimError(
                 f"TensorRT cannot load {self.path}: "
-                + self._logger.first_error("built by another TensorRT or GPU?")
+                + self._logger.first_error("built by another TensorRT or GPU?", since)
             )
         self._context = self._engine.create_execution_context()
         if self._context is None:
@@ -432,12 +478,13 @@ class TrtRunner:
                 raise GslimError(f"the engine rejects input shape {tuple(inp.shape)}")
             out_shape = tuple(int(d) for d in self._context.get_tensor_shape(self.output_name))
             out = torch.empty(out_shape, dtype=self._out_dtype, device="cuda")
-            self._context.set_tensor_address(self.input_name, int(inp.data_ptr()))
-            self._context.set_tensor_address(self.output_name, int(out.data_ptr()))
+            bind_address(self._context, self.input_name, inp.data_ptr())
+            bind_address(self._context, self.output_name, out.data_ptr())
+            since = self._logger.mark()
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise GslimError(
                     "TensorRT execution failed: "
-                    + self._logger.first_error("execute_async_v3 returned False")
+                    + self._logger.first_error("execute_async_v3 returned False", since)
                 )
         self._stream.synchronize()
         return out.float().cpu().numpy()

@@ -24,6 +24,7 @@ Timing, per device:
 from __future__ import annotations
 
 import functools
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -76,36 +77,17 @@ def _cpu_info() -> dict[str, Any]:
 
 
 def _driver_version() -> Optional[str]:
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-        for tok in text.split():
-            if tok.count(".") >= 1 and tok.replace(".", "").isdigit():
-                return tok
-    except OSError:
-        pass
-    try:
-        import subprocess
+    from gslim.profiling.gpu_context import driver_version
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return driver_version()
 
 
 def cuda_device_info(device_id: int = 0) -> dict[str, Any]:
-    import torch
+    """GPU, driver, CUDA, TensorRT, clocks and power (and a Jetson's power mode): see
+    :mod:`gslim.profiling.gpu_context`."""
+    from gslim.profiling.gpu_context import gpu_context
 
-    props = torch.cuda.get_device_properties(device_id)
-    return {
-        "kind": "cuda",
-        "gpu": torch.cuda.get_device_name(device_id),
-        "capability": f"{props.major}.{props.minor}",
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "driver": _driver_version(),
-        "cuda_runtime": torch.version.cuda,
-        "device_id": device_id,
-    }
+    return gpu_context(device_id)
 
 
 def _as_numpy(batch: Any, dtype: Any = None):
@@ -505,6 +487,73 @@ def onnx_io_info(path: Path) -> dict[str, Any]:
             "outputs": [o.name for o in graph.output]}
 
 
+#: ops that only compute shapes: ONNX Runtime may keep them on the CPU next to a GPU EP
+SHAPE_OPS = frozenset({"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Reshape",
+                       "ConstantOfShape", "Range", "Expand", "Identity", "Flatten", "Constant"})
+
+
+def node_placement(profile: Path) -> dict[str, tuple[str, str]]:
+    """node name -> (op type, execution provider), from an ONNX Runtime profile (JSON trace)."""
+    import json
+
+    try:
+        events = json.loads(Path(profile).read_text())
+    except (OSError, ValueError) as exc:
+        raise GslimError(f"cannot read ONNX Runtime's profile {profile}: {exc}") from exc
+    out: dict[str, tuple[str, str]] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and "provider" in args and "op_name" in args:
+            name = str(e.get("name", "")).removesuffix("_kernel_time").removesuffix("_fence_before")
+            name = name.removesuffix("_fence_after")
+            out[name] = (str(args["op_name"]), str(args["provider"]))
+    return out
+
+
+def check_placement(placement: dict[str, tuple[str, str]], allowed: tuple[str, ...], backend: str) -> dict:
+    """Counts per provider; raises :class:`BackendUnavailable` when a compute node runs elsewhere
+    than ``allowed`` (shape-only ops on the CPU are counted, not refused)."""
+    if not placement:
+        raise BackendUnavailable(f"{backend}: ONNX Runtime's profile lists no node placement; cannot tell "
+                                 "where the model ran")
+    counts: dict[str, int] = {}
+    stray = []
+    shape_on_cpu = 0
+    for name, (op, provider) in placement.items():
+        counts[provider] = counts.get(provider, 0) + 1
+        if provider in allowed:
+            continue
+        if provider == "CPUExecutionProvider" and op in SHAPE_OPS:
+            shape_on_cpu += 1
+        else:
+            stray.append((op, name, provider))
+    if stray:
+        ops = sorted({op for op, _, _ in stray})
+        raise BackendUnavailable(
+            f"{backend}: {len(stray)} compute node(s) ran outside {'/'.join(allowed)} ({stray[0][2]}: "
+            f"{', '.join(ops[:5])}); a number under this name would not be {backend}")
+    return {"providers": counts, "cpu_shape_nodes": shape_on_cpu}
+
+
+def loaded_libnvinfer_major() -> Optional[int]:
+    """The TensorRT major this process has loaded (libnvinfer.so.N in /proc/self/maps), if any."""
+    import re
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = {int(m) for m in re.findall(r"libnvinfer\.so\.(\d+)", maps)}
+    return max(found) if found else None
+
+
+def has_fast_fp16(capability: tuple[int, int]) -> bool:
+    """TensorRT's ``platformHasFastFp16``: true on sm_53, sm_60, sm_62 and sm_70 and newer;
+    false on the other Maxwell/Pascal parts (sm_61 runs FP16 at 1/64 rate)."""
+    major, minor = capability
+    return major >= 7 or (major, minor) in ((5, 3), (6, 0), (6, 2))
+
+
 class _OrtBackend(Backend):
     artifact = "onnx"
     runtime = "onnxruntime"
@@ -669,15 +718,19 @@ class OrtCUDA(_CudaTimed, _OrtBackend):
     def activate(self) -> None:
         self._init_cuda(self.options.device_id)
         self._open_session()
+        self._check_placement()
         self._binding = None
         self._run_options = self._ort.RunOptions()
         # let Run return once the work is enqueued, so the end event follows the last kernel
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def deactivate(self) -> None:
+        import shutil
+
         self._binding = None
         _OrtBackend.deactivate(self)
         self._free_cuda()
+        shutil.rmtree(getattr(self, "_profile_dir", "") or "/nonexistent", ignore_errors=True)
 
     def prepare(self, batch_size: int) -> None:
         import numpy as np
@@ -710,9 +763,37 @@ class OrtCUDA(_CudaTimed, _OrtBackend):
     def _device_out(self):
         return self._d_out
 
+    #: the providers a node may run on for the number to carry this backend's name
+    allowed_providers: ClassVar[tuple[str, ...]] = ("CUDAExecutionProvider",)
+
+    def _session_options(self):
+        so = super()._session_options()
+        # one profiled run in activate() tells where ONNX Runtime placed every node
+        self._profile_dir = tempfile.mkdtemp(prefix="gslim-ort-")
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(self._profile_dir) / "placement")
+        return so
+
+    def _check_placement(self) -> None:
+        """Run once, read the node placement from ONNX Runtime's profile, and refuse to report
+        a number under this backend's name when compute nodes fell back to the CPU."""
+        import shutil
+
+        try:
+            x = random_input(self._stage_shape(self.fixed_batch or 1), self.in_dtype or "float32")
+            self.session.run(None, {self.input_name: x})
+            profile = Path(self.session.end_profiling())
+            self.placement = check_placement(node_placement(profile), self.allowed_providers, self.name)
+        finally:
+            shutil.rmtree(getattr(self, "_profile_dir", ""), ignore_errors=True)
+        if self.placement["cpu_shape_nodes"]:
+            self.notes.append(f"{self.placement['cpu_shape_nodes']} shape-only node(s) on the CPU "
+                              "(ONNX Runtime keeps shape arithmetic there)")
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["options"] = {"io_binding": True, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        d["placement"] = getattr(self, "placement", None)
         return d
 
 
@@ -721,6 +802,8 @@ class OrtTensorRT(OrtCUDA):
 
     name = "ort-trt"
     provider = "TensorrtExecutionProvider"
+    # subgraphs TensorRT cannot take run on the CUDA EP: still the GPU, and listed in placement
+    allowed_providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def _providers(self) -> list:
         opts: dict[str, Any] = {
@@ -752,10 +835,31 @@ class OrtTensorRT(OrtCUDA):
     def activate(self) -> None:
         self._pre_info = onnx_io_info(self.path)
         super().activate()
+        self._built_precision = self._fp16_truth() if self.options.fp16 else None
+
+    def _fp16_truth(self) -> str:
+        """What ``trt_fp16_enable`` really gives. ONNX Runtime's TensorRT EP turns FP16 off on
+        a GPU without fast FP16 (``platformHasFastFp16()`` false: it logs a warning and builds
+        FP32), and TensorRT 11 has no FP16 builder flag at all (strongly typed networks take
+        their precision from the ONNX). Either way the engine is not FP16: say so."""
+        major = loaded_libnvinfer_major()
+        if major is not None and major >= 11:
+            raise BackendUnavailable(
+                f"{self.name}: this onnxruntime's TensorRT EP runs TensorRT {major}, where trt_fp16_enable builds "
+                "FP32 (strongly typed); profile an FP16 ONNX (gslim export --fp16-onnx) instead of --fp16")
+        cc = self._torch.cuda.get_device_capability(self._dev)
+        if not has_fast_fp16(cc):
+            raise BackendUnavailable(
+                f"{self.name}: this GPU (sm_{cc[0]}{cc[1]}) has no fast FP16, so TensorRT builds FP32 despite "
+                "trt_fp16_enable; profile without --fp16")
+        return "fp16" if major is not None else "fp16 (TensorRT version not seen in this process)"
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.options.fp16 else super().precision
+        built = getattr(self, "_built_precision", None)
+        if built:
+            return built
+        return "fp16 (requested)" if self.options.fp16 else super().precision
 
     def _check_batch(self, batch_size: int) -> None:
         super()._check_batch(batch_size)
@@ -822,7 +926,9 @@ class TensorRT(_CudaTimed, Backend):
 
         self._trt = trt
         self._init_cuda(self.options.device_id)
-        self._logger = trt.Logger(trt.Logger.ERROR)
+        from gslim.export.tensorrt import _logger
+
+        self._logger = _logger(trt)  # gslim's one logger: TensorRT keeps the first a process makes
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
@@ -878,13 +984,15 @@ class TensorRT(_CudaTimed, Backend):
                                    f"[{self.min_batch}, {self.max_batch}] (rebuild with a larger max_batch)")
         if not self.context.set_input_shape(self.input_name, tuple(d_in.shape)):
             raise BatchUnsupported(f"the engine rejects the input shape {tuple(d_in.shape)}")
-        self.context.set_tensor_address(self.input_name, d_in.data_ptr())
+        from gslim.export.tensorrt import bind_address
+
+        bind_address(self.context, self.input_name, d_in.data_ptr())
         outs = {}
         for name in self._outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             outs[name] = self._torch.empty(shape, dtype=self._torch_dtype(self.engine.get_tensor_dtype(name)),
                                            device=self._dev)
-            self.context.set_tensor_address(name, outs[name].data_ptr())
+            bind_address(self.context, name, outs[name].data_ptr())
         return outs
 
     def _enqueue(self) -> None:
@@ -910,6 +1018,10 @@ class TensorRT(_CudaTimed, Backend):
                 out = outs[self._outputs[0]].float().cpu()
             self._stream.synchronize()
             results.append(out[:n].numpy())
+        if getattr(self, "_d_in", None) is not None and self._outs:
+            # point the context back at the prepared buffers: the temporaries above are freed
+            # now, and a later run() without prepare() must not enqueue into them
+            self._outs = self._bind(self._d_in)
         return np.concatenate(results)
 
     def prepare(self, batch_size: int) -> None:
