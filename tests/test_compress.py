@@ -66,10 +66,10 @@ def _lstsq_error(X, Y, cols):
 @pytest.mark.parametrize("group", [1, 4])
 def test_greedy_refit_is_monotone_and_least_squares_optimal(group):
     torch.manual_seed(0)
-    C, O, N = 12, 6, 500
+    C, outs, N = 12, 6, 500
     X = torch.randn(N, C * group, dtype=torch.float64)
     X[:, :group] += 0.8 * X[:, group : 2 * group]  # correlated channels: plain ranking would be fooled
-    sparse = torch.randn(C * group, O, dtype=torch.float64) * (torch.rand(C * group, 1) > 0.5)
+    sparse = torch.randn(C * group, outs, dtype=torch.float64) * (torch.rand(C * group, 1) > 0.5)
     Y = X @ sparse
     st = Stats(X.T @ X, X.T @ Y, float((Y**2).sum()), group)
     order, path = greedy_select([st], ridge=0.0)

@@ -182,8 +182,6 @@ def test_trt_refused_tensor_address_is_an_error(monkeypatch):
 
 
 def test_dla_is_gated_by_tensorrt_version(fake_trt, tmp_path):
-    from test_export import _fake_tensorrt  # noqa: F401  (the stand-in module the fixture installs)
-
     from gslim.export.tensorrt import build_engine, check_dla_support
 
     check_dla_support(10, 0)
