@@ -166,3 +166,12 @@ def test_dockerignore_keeps_the_context_small():
     for entry in allowed:
         assert (ROOT / entry).exists(), f".dockerignore lets in {entry}, which does not exist"
     assert PYPROJECT["project"]["readme"] in allowed  # the build reads it
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(ruff).is_file():
+        pytest.skip("ruff is not installed (part of the dev extra)")
+    proc = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
