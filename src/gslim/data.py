@@ -182,8 +182,13 @@ def make_dataset(cfg: DataConfig, split: str, input_size: int, num_classes: int,
     return ds
 
 
-def _seeded_perm(n: int, seed: int) -> torch.Tensor:
+def seeded_perm(n: int, seed: int) -> torch.Tensor:
+    """The seeded permutation of a split's indices that the calibration subset (and the
+    fine-tuning hold-out, :mod:`gslim.holdout`) are drawn from."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+_seeded_perm = seeded_perm
 
 
 def eval_view(ds: Dataset) -> Dataset:

@@ -80,6 +80,11 @@ class FinetuneConfig(TrainConfig):
     lr: float = Field(0.02, gt=0.0)
     warmup_epochs: float = Field(0.0, ge=0.0)
     distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)
+    holdout_images: int = Field(
+        2000, ge=0, description="training images held out (never the calibration or validation images) to score "
+        "the starting model and each checkpoint; the best is kept, so the result is never worse there than the "
+        "start (0: keep the last checkpoint)")
+    holdout_evals_per_epoch: int = Field(4, ge=1, description="checkpoints scored on the hold-out per epoch")
 
 
 def _parse_budget(value: Any) -> Any:

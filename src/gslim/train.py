@@ -52,6 +52,7 @@ from gslim.artifacts import (
     save_torch,
 )
 from gslim.errors import GslimError
+from gslim.holdout import BestKeeper, HoldoutSplit, eval_steps, holdout_split
 from gslim.models import ModelSpec, save_checkpoint
 from gslim.recipe import DataConfig, DistillConfig, Recipe, TrainConfig
 
@@ -692,8 +693,10 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (main and not quiet) else (lambda msg: None)
 
     # --- data
-    train_ds = make_dataset(data, "train", spec.input_size, spec.num_classes, seed)
+    split = _holdout(cfg, data, spec, seed, say)
+    train_ds = split.train if split else make_dataset(data, "train", spec.input_size, spec.num_classes, seed)
     val_ds = make_dataset(data, "val", spec.input_size, spec.num_classes, seed)
+    holdout_loader = _val_loader(split.holdout, data, info) if split else None
     sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=seed, drop_last=False)
     train_loader = _train_loader(train_ds, data.batch_size, sampler, data.workers, device)
@@ -729,6 +732,7 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
     # --- resume or start afresh
     start_epoch, step = 0, 0
     metrics: dict = {}
+    keeper: Optional[BestKeeper] = None
     if resume and last_path.is_file():
         state = _load_train_state(last_path, spec, signature)
         model.load_state_dict(state["model"])
@@ -737,6 +741,8 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         metrics = dict(state.get("metrics") or {})
+        if holdout_loader is not None and state.get("holdout"):
+            keeper = BestKeeper.from_state(state["holdout"])
         if "rng" in state:
             _set_rng_state(state["rng"])
         if main:
@@ -761,6 +767,23 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
     if main and on_start is not None:
         on_start(start_epoch)
     _barrier(info, device)
+
+    def score_holdout(epoch_done: float) -> dict:
+        """Score the model on the held-out slice and offer it to the keeper."""
+        _sync_buffers(model, info)
+        res = evaluate(model, holdout_loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
+                       distributed=info.enabled)
+        point = {"epoch": round(epoch_done, 4), "step": step, "holdout_top1": res["top1"],
+                 "holdout_loss": res["loss"]}
+        point["kept"] = keeper.offer(model, point)
+        return point
+
+    if holdout_loader is not None and keeper is None:
+        keeper = BestKeeper()
+        start = score_holdout(start_epoch)  # the starting (one-shot) model: what must not be lost
+        say(f"{description}: the starting model scores {start['holdout_top1']:.2f}% on "
+            f"{len(split.holdout)} held-out training images")
+    checkpoints = eval_steps(steps_per_epoch, getattr(cfg, "holdout_evals_per_epoch", 1))
 
     train_model: nn.Module = model
     if info.enabled:
@@ -804,6 +827,9 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
+                if keeper is not None and i + 1 in checkpoints and i + 1 < steps_per_epoch:
+                    score_holdout(epoch + (i + 1) / steps_per_epoch)  # the epoch's end is scored below
+                    train_model.train()
                 n = y.shape[0]
                 seen_local += n
                 with torch.no_grad():
@@ -825,17 +851,21 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
         train_seconds = time.perf_counter() - t0
         sums = _all_reduce_sum(sums, info)
         loss_sum, correct, count = sums.tolist()
+        if not math.isfinite(loss_sum) and keeper is not None:
+            # the held-out selection still has a good checkpoint (at worst the starting model)
+            say(f"warning: {description} diverged (non-finite loss) in epoch {epoch + 1}; stopping and keeping "
+                "the best checkpoint scored so far (lower finetune.lr)")
+            if keeper.best is not None:
+                keeper.best["diverged_at_epoch"] = epoch + 1
+            break
         if not math.isfinite(loss_sum):
             raise GslimError(
                 f"training diverged (non-finite loss) in epoch {epoch + 1}; lower train.lr or raise "
                 "train.warmup_epochs"
             )
 
-        if info.enabled:  # score the model with rank 0's BN statistics, the ones that are saved
-            import torch.distributed as dist
-
-            for b in model.buffers():
-                dist.broadcast(b, src=0)
+        _sync_buffers(model, info)  # score the model with rank 0's BN statistics, the ones that are saved
+        point = score_holdout(epoch + 1) if keeper is not None else None
         val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
                        distributed=info.enabled)
         metrics = {
@@ -849,9 +879,12 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
             "images_per_s": count / max(train_seconds, 1e-9),
             "seconds": time.perf_counter() - t0,
         }
+        if point is not None:
+            metrics.update(holdout_top1=point["holdout_top1"], holdout_best_top1=keeper.best["holdout_top1"],
+                           holdout_best_step=keeper.best["step"])
         if main:
-            save_torch(_train_state(model, optimizer, scaler, spec, epoch + 1, step, seed, signature, metrics),
-                       last_path)
+            save_torch(_train_state(model, optimizer, scaler, spec, epoch + 1, step, seed, signature, metrics,
+                                    keeper), last_path)
             append_jsonl(metrics, log_path)
         say(f"{description} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}  "
             f"train top-1 {metrics['train_top1']:.2f}%  val top-1 {metrics['val_top1']:.2f}%  "
@@ -869,6 +902,18 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
         val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, distributed=info.enabled)
         metrics = {"epoch": cfg.epochs, "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
 
+    selection = None
+    if keeper is not None:
+        selection = keeper.summary()
+        if keeper.best is not None and keeper.best["step"] != step:  # an earlier checkpoint was better
+            keeper.restore(model)
+            val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, distributed=info.enabled)
+            metrics = {**metrics, "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
+        metrics = {**metrics, "selection": selection}
+        kept = selection["kept"]
+        say(f"{description}: kept the checkpoint of step {kept['step']} ("
+            + ("the starting model" if selection["kept_start"] else f"epoch {kept['epoch']}")
+            + f"), {kept['holdout_top1']:.2f}% on the held-out images")
     model.to(memory_format=torch.contiguous_format)
     if main:
         out_spec = ModelSpec(
@@ -876,7 +921,7 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
             meta={**(spec.meta or {}), "train": {
                 "epochs": cfg.epochs, "seed": seed, "world_size": info.world_size,
                 "val_top1": metrics.get("val_top1"), "val_top5": metrics.get("val_top5"),
-                "distilled": teacher is not None,
+                "distilled": teacher is not None, "selection": selection,
             }},
         )
         save_checkpoint(model, out_spec, final_path)
@@ -885,9 +930,30 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
     return TrainResult(final_path=final_path, epochs=cfg.epochs, metrics=metrics)
 
 
+def _holdout(cfg, data: DataConfig, spec: ModelSpec, seed: int, say) -> Optional["HoldoutSplit"]:
+    """The fine-tune's held-out slice of the training set (None: no selection)."""
+    count = int(getattr(cfg, "holdout_images", 0) or 0)
+    if count <= 0 or cfg.epochs <= 0:
+        return None
+    split = holdout_split(data, spec.input_size, spec.num_classes, seed, count)
+    if split is None:
+        say("the training set is too small to hold images out: the last checkpoint is kept")
+    return split
+
+
+def _sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Score with rank 0's BatchNorm statistics, the ones that are saved."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 def _train_state(model, optimizer, scaler, spec: ModelSpec, epoch: int, step: int, seed: int,
-                 signature: dict, metrics: dict) -> dict:
+                 signature: dict, metrics: dict, keeper: Optional[BestKeeper] = None) -> dict:
     return {
+        "holdout": keeper.to_state() if keeper is not None else None,
         "format": TRAIN_STATE_FORMAT,
         "version": TRAIN_STATE_VERSION,
         "model": {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()},
