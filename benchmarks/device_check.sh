@@ -5,12 +5,10 @@
 #   OUT=/tmp/dc bash benchmarks/device_check.sh --dry             # every step on tiny inputs, CPU is fine
 #
 # It needs only a bare GPU box's Python: torch with CUDA, torchvision, onnx, onnxruntime and
-# typer. gslim's other small pure-Python dependencies travel as wheels in .whl/ (fetched here
-# with `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VER`,
-# for fvcore, iopath, yacs, portalocker, tabulate, termcolor, pydantic, pydantic-core,
-# annotated-types, typing-inspection, pyyaml where missing) and install into /tmp/site; gslim
-# itself installs with --no-deps. Results (device_check.json, device_check.md, the log) go
-# under $OUT.
+# typer. gslim's other small dependencies travel as wheels in .whl/ (fetch them on the
+# developer machine first: `bash benchmarks/fetch_device_wheels.sh`, then name .whl in the
+# device call's carry) and install into /tmp/site; gslim itself installs with --no-deps.
+# Results (device_check.json, device_check.md, nvidia-smi.txt, the log) go under $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/device_check}"

@@ -116,7 +116,8 @@ def run_pipeline(recipe: Recipe, *, force: bool = False, progress: bool = True) 
         results[label] = {"dir": str(out_dir), "macs_fraction": selection["macs_fraction"],
                           "params_fraction": selection["params_fraction"],
                           "one_shot_top1": load_json(one_shot_file)["top1"],
-                          "target": selection.get("budget", {}) and selection["budget"].get("target_fraction")}
+                          "target": selection.get("budget", {}) and selection["budget"].get("target_fraction"),
+                          "finetune": _finetune_summary(out_dir / "finetuned.pt")}
 
     exports: dict[str, dict] = {}
     to_export = [("base", base_path)] if base_path is not None else []
@@ -140,9 +141,11 @@ def run_pipeline(recipe: Recipe, *, force: bool = False, progress: bool = True) 
         frac = results[label]["macs_fraction"]
         name = f"{r.compress.criterion} {100 * frac:.0f}% MACs"
         extra = {"criterion": r.compress.criterion, "macs_fraction": round(frac, 4)}
+        ft = results[label]["finetune"]
         artifacts.append(ArtifactSet(name, "compressed", out_dir / "finetuned.pt", exports[label]["onnx"],
                                      exports[label]["engine"],
-                                     extra={**extra, "one_shot_top1": results[label]["one_shot_top1"]}))
+                                     extra={**extra, "one_shot_top1": results[label]["one_shot_top1"],
+                                            **({"finetune_kept": ft["kept"]} if ft.get("kept") else {})}))
         int8_sets.append((label, name, extra))
     # the Q/DQ INT8 ONNX of each model, beside its FP32 row (ONNX backends only: the PyTorch
     # backends have no INT8 form of it and say so)
@@ -179,3 +182,17 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"\nrun finished in {time.perf_counter() - t0:.0f} s; report: {report} "
                    f"(plot: {report.parent / 'tradeoff.png'})")
 
+
+def _finetune_summary(path: Path) -> dict[str, Any]:
+    """Which fine-tuning checkpoint was kept (held-out selection), from the checkpoint's meta."""
+    from gslim.models import read_checkpoint
+
+    spec, _ = read_checkpoint(path)
+    train = (spec.meta or {}).get("train") or {}
+    sel = train.get("selection")
+    out: dict[str, Any] = {"val_top1": train.get("val_top1"), "selection": sel}
+    if sel and sel.get("kept"):
+        k, start = sel["kept"], sel.get("start") or {}
+        out["kept"] = ("start (one-shot model)" if sel.get("kept_start") else f"step {k['step']}") + \
+            f", holdout {k['holdout_top1']:.2f}% (start {start.get('holdout_top1', float('nan')):.2f}%)"
+    return out
