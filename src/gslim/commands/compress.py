@@ -116,7 +116,7 @@ def finetune_stage(recipe: Recipe, run_dir: Path, *, model_path: Optional[Path] 
     spec.meta = {**spec.meta, "stage": "finetune", "teacher": str(tpath) if teacher is not None else None}
     result = fit(model, spec, cfg, recipe.data, run_dir, seed=recipe.seed, teacher=teacher, resume=resume,
                  force=force, output_name=out_name, log_name="finetune_log.jsonl",
-                 last_name="finetune_last.pt", progress=progress)
+                 last_name="finetune_last.pt", progress=progress, description="finetune")
     return {"model": str(result.final_path), "epochs": result.epochs, "metrics": result.metrics}
 
 
