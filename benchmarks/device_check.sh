@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/device_check}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
+# the carried wheels, only where gslim's dependencies are missing (a bare GPU box)
+if ! "$PY" -c "import fvcore, pydantic" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
