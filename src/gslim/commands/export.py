@@ -240,9 +240,7 @@ def _export_int8(recipe: Recipe, model, spec, fp32_onnx: Path, tmp_int8: Path, f
     with ui.step(f"scoring the INT8 ONNX against FP32 PyTorch ({cfg.int8_eval_images} labelled validation images)"):
         images, labels = validation_batch(recipe, spec.input_size, spec.num_classes, cfg.int8_eval_images)
         acc = int8_accuracy(model, tmp_int8, images, labels, max_top1_drop=cfg.int8_max_top1_drop)
-    return {**acc, "path": str(final), "quantization": info, "bytes": tmp_int8.stat().st_size,
-            # the file's own accuracy, for a reader that does not know which gate was applied
-            "top1_agreement": acc["top1_agreement"]}
+    return {**acc, "path": str(final), "quantization": info, "bytes": tmp_int8.stat().st_size}
 
 
 def _calibration(recipe: Recipe, input_size: int, num_classes: int, count: int):
