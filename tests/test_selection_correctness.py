@@ -20,6 +20,7 @@ from gslim.recipe import CompressConfig
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).pow(2).sum() / b.pow(2).sum())
 
 
