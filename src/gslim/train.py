@@ -732,7 +732,7 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
     # --- resume or start afresh
     start_epoch, step = 0, 0
     metrics: dict = {}
-    keeper: Optional[BestKeeper] = None
+    holdout_state = None
     if resume and last_path.is_file():
         state = _load_train_state(last_path, spec, signature)
         model.load_state_dict(state["model"])
@@ -741,8 +741,7 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         metrics = dict(state.get("metrics") or {})
-        if holdout_loader is not None and state.get("holdout"):
-            keeper = BestKeeper.from_state(state["holdout"])
+        holdout_state = state.get("holdout")
         if "rng" in state:
             _set_rng_state(state["rng"])
         if main:
@@ -768,22 +767,19 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
         on_start(start_epoch)
     _barrier(info, device)
 
-    def score_holdout(epoch_done: float) -> dict:
-        """Score the model on the held-out slice and offer it to the keeper."""
-        _sync_buffers(model, info)
-        res = evaluate(model, holdout_loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
-                       distributed=info.enabled)
-        point = {"epoch": round(epoch_done, 4), "step": step, "holdout_top1": res["top1"],
-                 "holdout_loss": res["loss"]}
-        point["kept"] = keeper.offer(model, point)
-        return point
+    def score(loader) -> dict:
+        _sync_buffers(model, info)  # with rank 0's BatchNorm statistics, the ones that are saved
+        return evaluate(model, loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
+                        distributed=info.enabled)
 
-    if holdout_loader is not None and keeper is None:
-        keeper = BestKeeper()
-        start = score_holdout(start_epoch)  # the starting (one-shot) model: what must not be lost
-        say(f"{description}: the starting model scores {start['holdout_top1']:.2f}% on "
-            f"{len(split.holdout)} held-out training images")
-    checkpoints = eval_steps(steps_per_epoch, getattr(cfg, "holdout_evals_per_epoch", 1))
+    holdout = None
+    if holdout_loader is not None:
+        holdout = _HoldoutRun(holdout_loader, holdout_state, score, steps_per_epoch,
+                              getattr(cfg, "holdout_evals_per_epoch", 1))
+        if holdout_state is None:  # the starting (one-shot) model: what must not be lost
+            start = holdout.offer(model, start_epoch, step)
+            say(f"{description}: the starting model scores {start['holdout_top1']:.2f}% on "
+                f"{len(split.holdout)} held-out training images")
 
     train_model: nn.Module = model
     if info.enabled:
@@ -827,8 +823,8 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
-                if keeper is not None and i + 1 in checkpoints and i + 1 < steps_per_epoch:
-                    score_holdout(epoch + (i + 1) / steps_per_epoch)  # the epoch's end is scored below
+                if holdout is not None and holdout.due_mid_epoch(i + 1):
+                    holdout.offer(model, epoch + (i + 1) / steps_per_epoch, step)
                     train_model.train()
                 n = y.shape[0]
                 seen_local += n
@@ -851,12 +847,11 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
         train_seconds = time.perf_counter() - t0
         sums = _all_reduce_sum(sums, info)
         loss_sum, correct, count = sums.tolist()
-        if not math.isfinite(loss_sum) and keeper is not None:
+        if not math.isfinite(loss_sum) and holdout is not None:
             # the held-out selection still has a good checkpoint (at worst the starting model)
             say(f"warning: {description} diverged (non-finite loss) in epoch {epoch + 1}; stopping and keeping "
                 "the best checkpoint scored so far (lower finetune.lr)")
-            if keeper.best is not None:
-                keeper.best["diverged_at_epoch"] = epoch + 1
+            holdout.keeper.best["diverged_at_epoch"] = epoch + 1
             break
         if not math.isfinite(loss_sum):
             raise GslimError(
@@ -864,10 +859,8 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
                 "train.warmup_epochs"
             )
 
-        _sync_buffers(model, info)  # score the model with rank 0's BN statistics, the ones that are saved
-        point = score_holdout(epoch + 1) if keeper is not None else None
-        val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
-                       distributed=info.enabled)
+        point = holdout.offer(model, epoch + 1, step) if holdout is not None else None
+        val = score(val_loader)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(count, 1),
@@ -880,11 +873,10 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
             "seconds": time.perf_counter() - t0,
         }
         if point is not None:
-            metrics.update(holdout_top1=point["holdout_top1"], holdout_best_top1=keeper.best["holdout_top1"],
-                           holdout_best_step=keeper.best["step"])
+            metrics.update(holdout.log_fields(point))
         if main:
             save_torch(_train_state(model, optimizer, scaler, spec, epoch + 1, step, seed, signature, metrics,
-                                    keeper), last_path)
+                                    holdout.keeper if holdout else None), last_path)
             append_jsonl(metrics, log_path)
         say(f"{description} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}  "
             f"train top-1 {metrics['train_top1']:.2f}%  val top-1 {metrics['val_top1']:.2f}%  "
@@ -903,17 +895,13 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
         metrics = {"epoch": cfg.epochs, "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
 
     selection = None
-    if keeper is not None:
-        selection = keeper.summary()
-        if keeper.best is not None and keeper.best["step"] != step:  # an earlier checkpoint was better
-            keeper.restore(model)
-            val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, distributed=info.enabled)
+    if holdout is not None:
+        selection = holdout.keeper.summary()
+        if holdout.restore_best(model, step):  # an earlier checkpoint was better: report that one
+            val = score(val_loader)
             metrics = {**metrics, "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
         metrics = {**metrics, "selection": selection}
-        kept = selection["kept"]
-        say(f"{description}: kept the checkpoint of step {kept['step']} ("
-            + ("the starting model" if selection["kept_start"] else f"epoch {kept['epoch']}")
-            + f"), {kept['holdout_top1']:.2f}% on the held-out images")
+        say(f"{description}: {holdout.describe_kept(selection)}")
     model.to(memory_format=torch.contiguous_format)
     if main:
         out_spec = ModelSpec(
@@ -928,6 +916,44 @@ def _fit(model, spec, cfg, data, run_dir, final_path, last_path, log_path, devic
     _barrier(info, device)
     model.eval()
     return TrainResult(final_path=final_path, epochs=cfg.epochs, metrics=metrics)
+
+
+class _HoldoutRun:
+    """A fine-tune's held-out selection (:mod:`gslim.holdout`): when to score, scoring a checkpoint,
+    and putting the best one back at the end. ``score(loader)`` evaluates the model being trained."""
+
+    def __init__(self, loader, state: Optional[dict], score: Callable, steps_per_epoch: int, evals: int):
+        self.loader, self.score = loader, score
+        self.keeper = BestKeeper.from_state(state) if state else BestKeeper()
+        self.steps_per_epoch = steps_per_epoch
+        self.checkpoints = eval_steps(steps_per_epoch, evals)
+
+    def due_mid_epoch(self, step_in_epoch: int) -> bool:
+        return step_in_epoch in self.checkpoints and step_in_epoch < self.steps_per_epoch  # the end: see _fit
+
+    def offer(self, model: nn.Module, epoch_done: float, step: int) -> dict:
+        res = self.score(self.loader)
+        point = {"epoch": round(epoch_done, 4), "step": step, "holdout_top1": res["top1"], "holdout_loss": res["loss"]}
+        point["kept"] = self.keeper.offer(model, point)
+        return point
+
+    def log_fields(self, point: dict) -> dict:
+        best = self.keeper.best
+        return {"holdout_top1": point["holdout_top1"], "holdout_best_top1": best["holdout_top1"],
+                "holdout_best_step": best["step"]}
+
+    def restore_best(self, model: nn.Module, step: int) -> bool:
+        """Load the best checkpoint into ``model`` unless it is the current one; True if it loaded."""
+        if self.keeper.best is None or self.keeper.best["step"] == step:
+            return False
+        self.keeper.restore(model)
+        return True
+
+    @staticmethod
+    def describe_kept(selection: dict) -> str:
+        kept = selection["kept"]
+        where = "the starting model" if selection["kept_start"] else f"epoch {kept['epoch']}"
+        return f"kept the checkpoint of step {kept['step']} ({where}), {kept['holdout_top1']:.2f}% on the held-out images"
 
 
 def _holdout(cfg, data: DataConfig, spec: ModelSpec, seed: int, say) -> Optional["HoldoutSplit"]:
