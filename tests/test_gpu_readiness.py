@@ -68,9 +68,9 @@ def test_ort_cuda_session_is_profiled_for_placement():
 
     b = OrtCUDA.__new__(OrtCUDA)
     b.options = __import__("gslim.profiling.backends", fromlist=["BackendOptions"]).BackendOptions()
+    b._profile_dir = "/tmp/gslim-placement"  # activate() makes it
     so = b._session_options()
-    assert so.enable_profiling and Path(b._profile_dir).is_dir()
-    os.rmdir(b._profile_dir)
+    assert so.enable_profiling and so.profile_file_prefix.startswith(b._profile_dir)
     assert "CUDAExecutionProvider" in OrtTensorRT.allowed_providers
     assert "CPUExecutionProvider" not in OrtTensorRT.allowed_providers + OrtCUDA.allowed_providers
 

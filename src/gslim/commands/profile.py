@@ -414,9 +414,9 @@ def profile_stage(
 
     env = environment_info()
     if env.get("gpu"):
-        from gslim.profiling.backends import _driver_version
+        from gslim.profiling.gpu_context import driver_version
 
-        env["driver"] = _driver_version()
+        env["driver"] = driver_version()
     versions = {k: env.get(k) for k in ("python", "torch", "torchvision", "onnx", "onnxruntime", "tensorrt")}
 
     results: list[dict[str, Any]] = []

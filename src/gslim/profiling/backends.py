@@ -76,12 +76,6 @@ def _cpu_info() -> dict[str, Any]:
     return {"cpu": info["cpu"], "cpu_count": info["cpu_count"]}
 
 
-def _driver_version() -> Optional[str]:
-    from gslim.profiling.gpu_context import driver_version
-
-    return driver_version()
-
-
 def cuda_device_info(device_id: int = 0) -> dict[str, Any]:
     """GPU, driver, CUDA, TensorRT, clocks and power (and a Jetson's power mode): see
     :mod:`gslim.profiling.gpu_context`."""
@@ -717,6 +711,7 @@ class OrtCUDA(_CudaTimed, _OrtBackend):
 
     def activate(self) -> None:
         self._init_cuda(self.options.device_id)
+        self._profile_dir = tempfile.mkdtemp(prefix="gslim-ort-")  # the placement profile (_check_placement)
         self._open_session()
         self._check_placement()
         self._binding = None
@@ -730,7 +725,8 @@ class OrtCUDA(_CudaTimed, _OrtBackend):
         self._binding = None
         _OrtBackend.deactivate(self)
         self._free_cuda()
-        shutil.rmtree(getattr(self, "_profile_dir", "") or "/nonexistent", ignore_errors=True)
+        if self._profile_dir:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
 
     def prepare(self, batch_size: int) -> None:
         import numpy as np
@@ -765,11 +761,11 @@ class OrtCUDA(_CudaTimed, _OrtBackend):
 
     #: the providers a node may run on for the number to carry this backend's name
     allowed_providers: ClassVar[tuple[str, ...]] = ("CUDAExecutionProvider",)
+    _profile_dir: Optional[str] = None
 
     def _session_options(self):
         so = super()._session_options()
         # one profiled run in activate() tells where ONNX Runtime placed every node
-        self._profile_dir = tempfile.mkdtemp(prefix="gslim-ort-")
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(self._profile_dir) / "placement")
         return so
@@ -777,15 +773,10 @@ class OrtCUDA(_CudaTimed, _OrtBackend):
     def _check_placement(self) -> None:
         """Run once, read the node placement from ONNX Runtime's profile, and refuse to report
         a number under this backend's name when compute nodes fell back to the CPU."""
-        import shutil
-
-        try:
-            x = random_input(self._stage_shape(self.fixed_batch or 1), self.in_dtype or "float32")
-            self.session.run(None, {self.input_name: x})
-            profile = Path(self.session.end_profiling())
-            self.placement = check_placement(node_placement(profile), self.allowed_providers, self.name)
-        finally:
-            shutil.rmtree(getattr(self, "_profile_dir", ""), ignore_errors=True)
+        x = random_input(self._stage_shape(self.fixed_batch or 1), self.in_dtype or "float32")
+        self.session.run(None, {self.input_name: x})
+        profile = Path(self.session.end_profiling())
+        self.placement = check_placement(node_placement(profile), self.allowed_providers, self.name)
         if self.placement["cpu_shape_nodes"]:
             self.notes.append(f"{self.placement['cpu_shape_nodes']} shape-only node(s) on the CPU "
                               "(ONNX Runtime keeps shape arithmetic there)")
