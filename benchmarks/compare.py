@@ -437,24 +437,33 @@ def run_method(ctx: Context, method: str, arch: str, budget: str, base: nn.Modul
 # ------------------------------------------------------------------------------------------ latency
 
 
-def measure_group(ctx: Context, base_onnx: Path, onnx_files: dict[str, Path], size: int) -> dict:
-    """ORT CPU latency, batch 1, of the base and every method of a group, interleaved in this process."""
+def ort_cpu_interleaved(files: dict, size: int, threads: int, seconds: float, rounds: int):
+    """ORT CPU samples at batch 1 of every file, timed interleaved in this process; also the device
+    description and the settings used."""
     from gslim.profiling.backends import BackendOptions, OrtCPU
-    from gslim.profiling.measure import MeasureSettings, measure_interleaved, speedup, summarize
+    from gslim.profiling.measure import MeasureSettings, measure_interleaved
 
-    a = ctx.args
-    settings = MeasureSettings(warmup_s=max(0.1, a.latency_seconds / 4), min_iters=10 * a.latency_rounds,
-                               min_seconds=a.latency_seconds, rounds=a.latency_rounds)
-    opts = BackendOptions(threads=a.threads, input_size=size)
-    files = {"base": base_onnx, **onnx_files}
+    settings = MeasureSettings(warmup_s=max(0.1, seconds / 4), min_iters=10 * rounds, min_seconds=seconds,
+                               rounds=rounds)
+    opts = BackendOptions(threads=threads, input_size=size)
     with contextlib.ExitStack() as stack:
         runners = {}
-        for k, p in files.items():
-            b = stack.enter_context(OrtCPU(p, opts))
-            b.prepare(1)
-            runners[k] = b
+        for key, path in files.items():
+            runner = stack.enter_context(OrtCPU(path, opts))
+            runner.prepare(1)
+            runners[key] = runner
         samples = measure_interleaved(runners, settings)
-        device = runners["base"].describe()["device"]
+        device = next(iter(runners.values())).describe()["device"]
+    return samples, device, settings
+
+
+def measure_group(ctx: Context, base_onnx: Path, onnx_files: dict[str, Path], size: int) -> dict:
+    """ORT CPU latency, batch 1, of the base and every method of a group, interleaved in this process."""
+    from gslim.profiling.measure import speedup, summarize
+
+    a = ctx.args
+    samples, device, settings = ort_cpu_interleaved({"base": base_onnx, **onnx_files}, size, a.threads,
+                                                    a.latency_seconds, a.latency_rounds)
     out = {"device": device, "settings": settings.__dict__, "models": {}}
     for k, s in samples.items():
         stats = summarize(s.primary, batch=1)

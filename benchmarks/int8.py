@@ -113,8 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from gslim.export.int8 import quantize_int8
     from gslim.export.onnx import export_onnx
     from gslim.models import count_macs_params
-    from gslim.profiling.backends import BackendOptions, OrtCPU
-    from gslim.profiling.measure import MeasureSettings, measure_interleaved, summarize
+    from gslim.profiling.measure import summarize
 
     a = parse_args(argv)
     torch.set_num_threads(max(1, a.threads * 2))
@@ -166,16 +165,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 quantize_int8(lf, li, big_calib, method=a.calibration)
                 files[(name, "fp32")], files[(name, "int8")] = lf, li
             compare.log(f"[{arch}] timing {len(files)} files interleaved")
-            settings = MeasureSettings(warmup_s=max(0.1, a.latency_seconds / 4), min_iters=10 * a.latency_rounds,
-                                       min_seconds=a.latency_seconds, rounds=a.latency_rounds)
-            opts = BackendOptions(threads=a.threads, input_size=a.latency_size)
-            with contextlib.ExitStack() as stack:
-                runners = {}
-                for key, p in files.items():
-                    r = stack.enter_context(OrtCPU(p, opts))
-                    r.prepare(1)
-                    runners[key] = r
-                samples = measure_interleaved(runners, settings)
+            samples, _, _ = compare.ort_cpu_interleaved(files, a.latency_size, a.threads, a.latency_seconds,
+                                                        a.latency_rounds)
         base_ms = summarize(samples[("base", "fp32")].primary, batch=1)["median_ms"]
         for name in models:
             f32 = summarize(samples[(name, "fp32")].primary, batch=1)["median_ms"]
