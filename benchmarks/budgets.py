@@ -70,9 +70,12 @@ def main() -> None:
                     measure = cost.macs if args.metric == "macs" else cost.params
                     step = max(step, measure(wider) - measure(widths))
             ok = got <= frac * base * 1.001 and got >= frac * base - step * 1.001 - 0.02 * base
-            print(f"| {arch} | {b} {args.metric} | {frac * base:,.0f} | {r.budget['planned']:,.0f} | "
-                  f"{got:,.0f} ({100 * got / base:.1f}%) | {step:,.0f} ({100 * step / base:.2f}%) | "
-                  f"{'yes' if ok else 'NO'} | {secs:.1f} |", flush=True)
+            print(
+                f"| {arch} | {b} {args.metric} | {frac * base:,.0f} | {r.budget['planned']:,.0f} | "
+                f"{got:,.0f} ({100 * got / base:.1f}%) | {step:,.0f} ({100 * step / base:.2f}%) | "
+                f"{'yes' if ok else 'NO'} | {secs:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

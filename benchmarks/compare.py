@@ -70,35 +70,67 @@ RESULT_VERSION = 1
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", type=Path, default=Path("configs/demo.yaml"), help="recipe (data, train, finetune)")
+    ap.add_argument(
+        "--recipe", type=Path, default=Path("configs/demo.yaml"), help="recipe (data, train, finetune)"
+    )
     ap.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help="comma-separated torchvision archs")
     ap.add_argument("--budgets", default="50%,30%", help="MACs budgets, fractions of the base model's MACs")
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)}")
     ap.add_argument("--calib-images", type=int, default=2048, help="calibration images (selection, BN recal)")
     ap.add_argument("--val-images", type=int, default=2000, help="score on the first N validation images")
-    ap.add_argument("--finetune-images", type=int, default=4000, help="fine-tune on the first N training images")
+    ap.add_argument(
+        "--finetune-images", type=int, default=4000, help="fine-tune on the first N training images"
+    )
     ap.add_argument("--finetune-epochs", type=int, default=1)
-    ap.add_argument("--finetune-lr", type=float, default=None,
-                    help="fine-tune peak lr at batch 256 (default: the recipe's finetune.lr); use with --tag")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="cap fine-tune steps per epoch (smoke runs)")
-    ap.add_argument("--base-epochs", type=int, default=None,
-                    help="epochs for base models trained here (default: the recipe's train.epochs)")
-    ap.add_argument("--base-from", type=Path, default=DEMO_BASE,
-                    help="MobileNetV2 base to copy into the cache when it exists (trained with configs/demo.yaml)")
-    ap.add_argument("--loss-batch", type=int, default=None,
-                    help="greedy-loss: images scoring each candidate (default: gslim's compress.loss_batch)")
-    ap.add_argument("--opset", type=int, default=17,
-                    help="ONNX opset (<=17: TorchScript exporter, ~0.5 s a model; 18+: dynamo, ~10 s)")
+    ap.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help="fine-tune peak lr at batch 256 (default: the recipe's finetune.lr); use with --tag",
+    )
+    ap.add_argument(
+        "--finetune-steps", type=int, default=None, help="cap fine-tune steps per epoch (smoke runs)"
+    )
+    ap.add_argument(
+        "--base-epochs",
+        type=int,
+        default=None,
+        help="epochs for base models trained here (default: the recipe's train.epochs)",
+    )
+    ap.add_argument(
+        "--base-from",
+        type=Path,
+        default=DEMO_BASE,
+        help="MobileNetV2 base to copy into the cache when it exists (trained with configs/demo.yaml)",
+    )
+    ap.add_argument(
+        "--loss-batch",
+        type=int,
+        default=None,
+        help="greedy-loss: images scoring each candidate (default: gslim's compress.loss_batch)",
+    )
+    ap.add_argument(
+        "--opset",
+        type=int,
+        default=17,
+        help="ONNX opset (<=17: TorchScript exporter, ~0.5 s a model; 18+: dynamo, ~10 s)",
+    )
     ap.add_argument("--latency-seconds", type=float, default=2.0, help="timed seconds per model (pooled)")
     ap.add_argument("--latency-rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
-    ap.add_argument("--tag", default=None,
-                    help="a variant's name: results go to <out>/compare-<tag>/ and compare-<tag>.json (bases shared)")
+    ap.add_argument(
+        "--tag",
+        default=None,
+        help="a variant's name: results go to <out>/compare-<tag>/ and compare-<tag>.json (bases shared)",
+    )
     ap.add_argument("--force", action="store_true", help="ignore cached per-method results")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: mobilenet_v2 trained a few steps on synthetic data, 50%% only, "
-                         f"{','.join(QUICK_METHODS)}, 128 calibration / 300 val images, 3 fine-tune steps")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: mobilenet_v2 trained a few steps on synthetic data, 50%% only, "
+        f"{','.join(QUICK_METHODS)}, 128 calibration / 300 val images, 3 fine-tune steps",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.archs = "mobilenet_v2"
@@ -125,9 +157,9 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def budget_fraction(text: str) -> float:
-    from gslim.recipe import _parse_budget
+    from gslim.recipe import parse_budget
 
-    v = _parse_budget(text)
+    v = parse_budget(text)
     if not 0 < v <= 1:
         raise SystemExit(f"budget {text!r} must be a fraction of the base model (e.g. 50%)")
     return float(v)
@@ -152,11 +184,21 @@ class Context:
 
         self.args = args
         self.out = args.out
-        overrides: dict[str, Any] = {"data.calib_images": args.calib_images, "data.val_images": args.val_images,
-                                     "data.workers": 0, "compress.eps": None}
+        overrides: dict[str, Any] = {
+            "data.calib_images": args.calib_images,
+            "data.val_images": args.val_images,
+            "data.workers": 0,
+            "compress.eps": None,
+        }
         if args.quick:
-            overrides.update({"data.kind": "synthetic", "data.synthetic_train": 512,
-                              "data.synthetic_val": args.val_images, "data.batch_size": 64})
+            overrides.update(
+                {
+                    "data.kind": "synthetic",
+                    "data.synthetic_train": 512,
+                    "data.synthetic_val": args.val_images,
+                    "data.batch_size": 64,
+                }
+            )
         self.recipe_overrides = overrides
         self.base_recipe = load_recipe(args.recipe, overrides)
 
@@ -170,7 +212,9 @@ def val_loader(recipe):
     from gslim.data import make_dataset, make_loader
 
     ds = make_dataset(recipe.data, "val", recipe.model.input_size, recipe.model.num_classes, recipe.seed)
-    return make_loader(ds, recipe.data.eval_batch_size or 2 * recipe.data.batch_size, shuffle=False, workers=0)
+    return make_loader(
+        ds, recipe.data.eval_batch_size or 2 * recipe.data.batch_size, shuffle=False, workers=0
+    )
 
 
 def top1(model: nn.Module, loader) -> float:
@@ -200,7 +244,12 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
     path = cache / f"{arch}.pt"
     meta_path = cache / f"{arch}.json"
     if not path.is_file():
-        if arch == "mobilenet_v2" and ctx.args.base_from and Path(ctx.args.base_from).is_file() and not ctx.args.quick:
+        if (
+            arch == "mobilenet_v2"
+            and ctx.args.base_from
+            and Path(ctx.args.base_from).is_file()
+            and not ctx.args.quick
+        ):
             shutil.copyfile(ctx.args.base_from, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
             meta = {"source": f"copied from {ctx.args.base_from}", "train": "configs/demo.yaml (3 epochs)"}
@@ -219,21 +268,39 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
             torch.manual_seed(recipe.seed)
             model = build_architecture(arch, recipe.model.num_classes)
             run_dir = cache / f"train_{arch}"
-            log(f"[{arch}] training the base model: {train_cfg.epochs} epoch(s) of the recipe's train section")
+            log(
+                f"[{arch}] training the base model: {train_cfg.epochs} epoch(s) of the recipe's train section"
+            )
             t0 = time.perf_counter()
-            res = fit(model, spec, train_cfg, data, run_dir, seed=recipe.seed, resume=True,
-                      output_name="model.pt", progress=False, quiet=ctx.args.quick)
+            res = fit(
+                model,
+                spec,
+                train_cfg,
+                data,
+                run_dir,
+                seed=recipe.seed,
+                resume=True,
+                output_name="model.pt",
+                progress=False,
+                quiet=ctx.args.quick,
+            )
             shutil.copyfile(res.final_path, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
-            meta = {"source": "trained by benchmarks/compare.py", "train": f"{ctx.args.recipe} train section, "
-                    f"{train_cfg.epochs} epoch(s)" + (", at most 8 steps each" if ctx.args.quick else ""),
-                    "train_seconds": round(time.perf_counter() - t0, 1), "val_top1_full": res.metrics.get("val_top1")}
+            meta = {
+                "source": "trained by benchmarks/compare.py",
+                "train": f"{ctx.args.recipe} train section, "
+                f"{train_cfg.epochs} epoch(s)" + (", at most 8 steps each" if ctx.args.quick else ""),
+                "train_seconds": round(time.perf_counter() - t0, 1),
+                "val_top1_full": res.metrics.get("val_top1"),
+            }
         meta_path.write_text(json.dumps(meta, indent=2))
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"source": "cache"}
     model, spec = load_model(path)
     if spec.arch != arch or spec.input_size != recipe.model.input_size:
-        raise SystemExit(f"{path} holds a {spec.arch} at {spec.input_size}px, expected {arch} at "
-                         f"{recipe.model.input_size}px; remove it")
+        raise SystemExit(
+            f"{path} holds a {spec.arch} at {spec.input_size}px, expected {arch} at "
+            f"{recipe.model.input_size}px; remove it"
+        )
     meta["digest"] = file_digest(path)
     return model.eval(), spec, meta
 
@@ -251,7 +318,9 @@ def final_linear(model: nn.Module) -> nn.Module:
     return last
 
 
-def taylor_grads(base: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+def taylor_grads(
+    base: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
     """Gradients of the mean cross-entropy over the calibration images (eval-mode BN)."""
     m = copy.deepcopy(base).eval()
     for p in m.parameters():
@@ -264,8 +333,16 @@ def taylor_grads(base: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
     return {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
 
 
-def tp_prune(base: nn.Module, method: str, size: int, x: torch.Tensor, y: torch.Tensor, target: float,
-             round_to: int, batch_size: int) -> tuple[nn.Module, dict]:
+def tp_prune(
+    base: nn.Module,
+    method: str,
+    size: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: float,
+    round_to: int,
+    batch_size: int,
+) -> tuple[nn.Module, dict]:
     """Torch-Pruning at the smallest uniform pruning ratio whose fvcore MACs are <= target."""
     import torch_pruning as tp
 
@@ -294,8 +371,13 @@ def tp_prune(base: nn.Module, method: str, size: int, x: torch.Tensor, y: torch.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(
-                m, torch.zeros(1, 3, size, size), importance=importance(), pruning_ratio=ratio,
-                ignored_layers=[final_linear(m)], round_to=round_to, global_pruning=False,
+                m,
+                torch.zeros(1, 3, size, size),
+                importance=importance(),
+                pruning_ratio=ratio,
+                ignored_layers=[final_linear(m)],
+                round_to=round_to,
+                global_pruning=False,
             )
             pruner.step()
         dt = time.perf_counter() - t0
@@ -316,8 +398,9 @@ def tp_prune(base: nn.Module, method: str, size: int, x: torch.Tensor, y: torch.
             break
         lo = r
     if best is None:
-        raise RuntimeError(f"{method}: no pruning ratio up to 0.9 brings MACs to the target {target:,.0f} "
-                           f"(trials: {trials})")
+        raise RuntimeError(
+            f"{method}: no pruning ratio up to 0.9 brings MACs to the target {target:,.0f} (trials: {trials})"
+        )
     best_ratio = hi
     while hi - lo > 2e-3:
         mid = (lo + hi) / 2
@@ -328,8 +411,13 @@ def tp_prune(base: nn.Module, method: str, size: int, x: torch.Tensor, y: torch.
         else:
             lo = mid
     model, macs, prune_s = best
-    info = {"pruning_ratio": best_ratio, "select_s": grad_s + prune_s, "gradient_s": grad_s,
-            "search_s": time.perf_counter() - t_search, "search_trials": len(trials)}
+    info = {
+        "pruning_ratio": best_ratio,
+        "select_s": grad_s + prune_s,
+        "gradient_s": grad_s,
+        "search_s": time.perf_counter() - t_search,
+        "search_trials": len(trials),
+    }
     return model, info
 
 
@@ -349,25 +437,52 @@ def conv_widths(model: nn.Module) -> dict[str, int]:
 
 def settings_key(ctx: Context, arch: str, budget: str, base_digest: str) -> dict:
     a = ctx.args
-    return {"version": RESULT_VERSION, "base_bn_recal": True, "arch": arch, "budget": budget, "base": base_digest,
-            "calib_images": a.calib_images, "val_images": a.val_images, "finetune_images": a.finetune_images,
-            "finetune_epochs": a.finetune_epochs, "finetune_steps": a.finetune_steps, "loss_batch": a.loss_batch,
-            "opset": a.opset, "quick": a.quick, "recipe": str(a.recipe),
-            **({"finetune_lr": a.finetune_lr} if a.finetune_lr is not None else {}),
-            # gslim's compress defaults (ridge, ...): a change of defaults invalidates the cache
-            "compress_defaults": _compress_defaults()}
+    return {
+        "version": RESULT_VERSION,
+        "base_bn_recal": True,
+        "arch": arch,
+        "budget": budget,
+        "base": base_digest,
+        "calib_images": a.calib_images,
+        "val_images": a.val_images,
+        "finetune_images": a.finetune_images,
+        "finetune_epochs": a.finetune_epochs,
+        "finetune_steps": a.finetune_steps,
+        "loss_batch": a.loss_batch,
+        "opset": a.opset,
+        "quick": a.quick,
+        "recipe": str(a.recipe),
+        **({"finetune_lr": a.finetune_lr} if a.finetune_lr is not None else {}),
+        # gslim's compress defaults (ridge, ...): a change of defaults invalidates the cache
+        "compress_defaults": _compress_defaults(),
+    }
 
 
 def _compress_defaults() -> dict:
     from gslim.recipe import CompressConfig
 
     d = CompressConfig().model_dump(mode="json")
-    return {k: d[k] for k in sorted(d) if k not in ("criterion", "eps", "target_macs", "target_params",
-                                                     "round_to", "bn_recalib", "seed")}
+    return {
+        k: d[k]
+        for k in sorted(d)
+        if k not in ("criterion", "eps", "target_macs", "target_params", "round_to", "bn_recalib", "seed")
+    }
 
 
-def run_method(ctx: Context, method: str, arch: str, budget: str, base: nn.Module, spec, recipe,
-               x: torch.Tensor, y: torch.Tensor, loader, key: dict, work: Path) -> dict:
+def run_method(
+    ctx: Context,
+    method: str,
+    arch: str,
+    budget: str,
+    base: nn.Module,
+    spec,
+    recipe,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loader,
+    key: dict,
+    work: Path,
+) -> dict:
     from gslim.compress.calibrate import recalibrate_bn, split_batches
     from gslim.compress.select import compress_model
     from gslim.export.onnx import export_onnx
@@ -383,14 +498,22 @@ def run_method(ctx: Context, method: str, arch: str, budget: str, base: nn.Modul
     row: dict[str, Any] = {"arch": arch, "budget": budget, "method": method, "target_macs": target}
     t_all = time.perf_counter()
     if method in GSLIM_METHODS:
-        cfg = recipe.compress.model_copy(update={"criterion": method, "target_macs": frac, "round_to": 8,
-                                                 "bn_recalib": False, "eps": None})
+        cfg = recipe.compress.model_copy(
+            update={"criterion": method, "target_macs": frac, "round_to": 8, "bn_recalib": False, "eps": None}
+        )
         if method == "greedy-loss" and a.loss_batch is not None:
             cfg = cfg.model_copy(update={"loss_batch": a.loss_batch})
         res = compress_model(base, size, x, y, cfg, seed=recipe.seed, batch_size=128)
         model, widths = res.model, res.widths
-        row.update({"select_s": res.seconds, "library": "gslim", "eps": res.eps, "keep_ratio": res.keep_ratio,
-                    "planned_fraction": (res.budget or {}).get("planned_fraction")})
+        row.update(
+            {
+                "select_s": res.seconds,
+                "library": "gslim",
+                "eps": res.eps,
+                "keep_ratio": res.keep_ratio,
+                "planned_fraction": (res.budget or {}).get("planned_fraction"),
+            }
+        )
         (work / "selection.json").write_text(json.dumps(res.to_json(), indent=1))
         row["rel_errors"] = {u.name: u.rel_error for u in res.units if u.rel_error is not None}
         row["unit_widths"] = {u.name: [u.kept, u.width] for u in res.units}
@@ -400,36 +523,69 @@ def run_method(ctx: Context, method: str, arch: str, budget: str, base: nn.Modul
         row.update(info)
         row["library"] = "torch-pruning"
     macs, params = count_macs_params(model, size)
-    row.update({"macs": macs, "params": params, "macs_fraction": macs / base_macs, "conv_widths": conv_widths(model)})
+    row.update(
+        {"macs": macs, "params": params, "macs_fraction": macs / base_macs, "conv_widths": conv_widths(model)}
+    )
     row["one_shot_top1_no_recal"] = top1(model, loader)
     batches = split_batches(x, 128)
     recalibrate_bn(model, batches)
     row["one_shot_top1"] = top1(model, loader)
-    log(f"  [{arch} {budget} {method}] MACs {100 * macs / base_macs:.1f}%  select {row['select_s']:.1f} s  "
-        f"one-shot {row['one_shot_top1']:.2f}% (no recal {row['one_shot_top1_no_recal']:.2f}%)")
+    log(
+        f"  [{arch} {budget} {method}] MACs {100 * macs / base_macs:.1f}%  select {row['select_s']:.1f} s  "
+        f"one-shot {row['one_shot_top1']:.2f}% (no recal {row['one_shot_top1_no_recal']:.2f}%)"
+    )
 
     # the same fine-tune for every method; the teacher is a private copy (fit freezes it in place)
     for p in model.parameters():
         p.requires_grad_(True)
-    ft = recipe.finetune.model_copy(update={"epochs": a.finetune_epochs, "device": "cpu",
-                                            "max_steps_per_epoch": a.finetune_steps,
-                                            "lr": a.finetune_lr or recipe.finetune.lr})
+    ft = recipe.finetune.model_copy(
+        update={
+            "epochs": a.finetune_epochs,
+            "device": "cpu",
+            "max_steps_per_epoch": a.finetune_steps,
+            "lr": a.finetune_lr or recipe.finetune.lr,
+        }
+    )
     data = recipe.data.model_copy(update={"train_images": a.finetune_images})
-    ft_spec = ModelSpec(arch, nc, size, widths=widths or None,
-                        meta={"compare": {"method": method, "budget": budget,
-                                          "note": None if method in GSLIM_METHODS else
-                                          "Torch-Pruning model: this checkpoint's spec cannot rebuild it; "
-                                          "use model.onnx or the state dict with the pruned module"}})
+    ft_spec = ModelSpec(
+        arch,
+        nc,
+        size,
+        widths=widths or None,
+        meta={
+            "compare": {
+                "method": method,
+                "budget": budget,
+                "note": None
+                if method in GSLIM_METHODS
+                else "Torch-Pruning model: this checkpoint's spec cannot rebuild it; "
+                "use model.onnx or the state dict with the pruned module",
+            }
+        },
+    )
     t0 = time.perf_counter()
-    r = fit(model, ft_spec, ft, data, work / "finetune", seed=recipe.seed, teacher=copy.deepcopy(base),
-            force=True, output_name="finetuned.pt", progress=False, quiet=True)
+    r = fit(
+        model,
+        ft_spec,
+        ft,
+        data,
+        work / "finetune",
+        seed=recipe.seed,
+        teacher=copy.deepcopy(base),
+        force=True,
+        output_name="finetuned.pt",
+        progress=False,
+        quiet=True,
+    )
     row["finetune_s"] = time.perf_counter() - t0
     row["finetuned_top1"] = float(r.metrics["val_top1"])
     export_onnx(model.eval(), size, work / "model.onnx", opset=a.opset, dynamic_batch=True)
     row["total_s"] = time.perf_counter() - t_all
     row["settings"] = key
-    log(f"  [{arch} {budget} {method}] fine-tuned {row['finetuned_top1']:.2f}%  ({row['finetune_s']:.0f} s; "
-        f"method total {row['total_s']:.0f} s)")
+    log(
+        f"  [{arch} {budget} {method}] fine-tuned {row['finetuned_top1']:.2f}%  ({row['finetune_s']:.0f} s; "
+        f"method total {row['total_s']:.0f} s)"
+    )
     atomic_json(work / "result.json", row)
     return row
 
@@ -440,11 +596,12 @@ def run_method(ctx: Context, method: str, arch: str, budget: str, base: nn.Modul
 def ort_cpu_interleaved(files: dict, size: int, threads: int, seconds: float, rounds: int):
     """ORT CPU samples at batch 1 of every file, timed interleaved in this process; also the device
     description and the settings used."""
-    from gslim.profiling.backends import BackendOptions, OrtCPU
     from gslim.profiling.measure import MeasureSettings, measure_interleaved
+    from gslim.runtime import BackendOptions, OrtCPU
 
-    settings = MeasureSettings(warmup_s=max(0.1, seconds / 4), min_iters=10 * rounds, min_seconds=seconds,
-                               rounds=rounds)
+    settings = MeasureSettings(
+        warmup_s=max(0.1, seconds / 4), min_iters=10 * rounds, min_seconds=seconds, rounds=rounds
+    )
     opts = BackendOptions(threads=threads, input_size=size)
     with contextlib.ExitStack() as stack:
         runners = {}
@@ -462,8 +619,9 @@ def measure_group(ctx: Context, base_onnx: Path, onnx_files: dict[str, Path], si
     from gslim.profiling.measure import speedup, summarize
 
     a = ctx.args
-    samples, device, settings = ort_cpu_interleaved({"base": base_onnx, **onnx_files}, size, a.threads,
-                                                    a.latency_seconds, a.latency_rounds)
+    samples, device, settings = ort_cpu_interleaved(
+        {"base": base_onnx, **onnx_files}, size, a.threads, a.latency_seconds, a.latency_rounds
+    )
     out = {"device": device, "settings": settings.__dict__, "models": {}}
     for k, s in samples.items():
         stats = summarize(s.primary, batch=1)
@@ -500,10 +658,21 @@ def markdown_tables(report: dict) -> str:
                 continue
             lat = report["latency"].get(f"{arch}/{budget}", {}).get("models", {})
             base_lat = lat.get("base", {}).get("median_ms")
-            lines.append(f"\n**{arch}**, budget {budget} of {b['macs']:,} MACs — base top-1 {b['top1']:.2f}%, "
-                         f"{b['params']:,} params, ORT {fmt(base_lat, '.3f')} ms\n")
-            head = ["method", "MACs", "params", "select s", "one-shot top-1", "(no BN recal)", "fine-tuned top-1",
-                    "ORT ms", "speedup"]
+            lines.append(
+                f"\n**{arch}**, budget {budget} of {b['macs']:,} MACs — base top-1 {b['top1']:.2f}%, "
+                f"{b['params']:,} params, ORT {fmt(base_lat, '.3f')} ms\n"
+            )
+            head = [
+                "method",
+                "MACs",
+                "params",
+                "select s",
+                "one-shot top-1",
+                "(no BN recal)",
+                "fine-tuned top-1",
+                "ORT ms",
+                "speedup",
+            ]
             lines.append("| " + " | ".join(head) + " |")
             lines.append("|---|" + "---:|" * (len(head) - 1))
             best_os = max(r["one_shot_top1"] for r in rows)
@@ -516,9 +685,17 @@ def markdown_tables(report: dict) -> str:
                     os_ = f"**{os_}**"
                 if r["finetuned_top1"] == best_ft:
                     ft = f"**{ft}**"
-                cells = [r["method"], f"{100 * r['macs_fraction']:.1f}%", f"{r['params'] / 1e6:.2f}M",
-                         fmt(r["select_s"], ".1f"), os_, fmt(r["one_shot_top1_no_recal"]), ft,
-                         fmt(m.get("median_ms"), ".3f"), fmt(m.get("speedup"), ".2f") + "x" if m else "—"]
+                cells = [
+                    r["method"],
+                    f"{100 * r['macs_fraction']:.1f}%",
+                    f"{r['params'] / 1e6:.2f}M",
+                    fmt(r["select_s"], ".1f"),
+                    os_,
+                    fmt(r["one_shot_top1_no_recal"]),
+                    ft,
+                    fmt(m.get("median_ms"), ".3f"),
+                    fmt(m.get("speedup"), ".2f") + "x" if m else "—",
+                ]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -540,19 +717,41 @@ def plot(report: dict, path: Path) -> None:
         for bi, budget in enumerate(report["budgets"]):
             lat = report["latency"].get(f"{arch}/{budget}", {}).get("models", {})
             for m in methods:
-                row = next((r for r in report["rows"] if r["arch"] == arch and r["budget"] == budget
-                            and r["method"] == m), None)
+                row = next(
+                    (
+                        r
+                        for r in report["rows"]
+                        if r["arch"] == arch and r["budget"] == budget and r["method"] == m
+                    ),
+                    None,
+                )
                 if row is None or m not in lat:
                     continue
-                ax.scatter(lat[m]["median_ms"], row["finetuned_top1"], color=colors[m],
-                           marker=markers[bi % len(markers)], s=46 if m == "greedy" else 30,
-                           edgecolors="black" if m == "greedy" else "none",
-                           label=f"{m}" if bi == 0 else None, zorder=3)
+                ax.scatter(
+                    lat[m]["median_ms"],
+                    row["finetuned_top1"],
+                    color=colors[m],
+                    marker=markers[bi % len(markers)],
+                    s=46 if m == "greedy" else 30,
+                    edgecolors="black" if m == "greedy" else "none",
+                    label=f"{m}" if bi == 0 else None,
+                    zorder=3,
+                )
             if "base" in lat:
-                ax.scatter(lat["base"]["median_ms"], base["top1"], color="black", marker="*", s=120,
-                           label="base" if bi == 0 else None, zorder=4)
-        ax.set_title(f"{arch} (o: {report['budgets'][0]}" + (f", ■: {report['budgets'][1]}"
-                                                                if len(report["budgets"]) > 1 else "") + " MACs)")
+                ax.scatter(
+                    lat["base"]["median_ms"],
+                    base["top1"],
+                    color="black",
+                    marker="*",
+                    s=120,
+                    label="base" if bi == 0 else None,
+                    zorder=4,
+                )
+        ax.set_title(
+            f"{arch} (o: {report['budgets'][0]}"
+            + (f", ■: {report['budgets'][1]}" if len(report["budgets"]) > 1 else "")
+            + " MACs)"
+        )
         ax.set_xlabel("ONNX Runtime CPU latency, batch 1, 1 thread (ms, median)")
         ax.set_ylabel("top-1 after fine-tune (%)")
         ax.grid(alpha=0.3)
@@ -572,9 +771,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore", category=UserWarning)
-    from gslim.commands.common import environment_info
     from gslim.compress.calibrate import recalibrate_bn, split_batches
     from gslim.data import calibration_batch
+    from gslim.environment import environment_info
     from gslim.export.onnx import export_onnx
     from gslim.models import count_macs_params
 
@@ -595,8 +794,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "environment": environment_info("cpu"),
         "torch_pruning": _tp_version(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "budgets": args.budgets, "methods": methods, "skipped_methods": skipped_methods,
-        "bases": {}, "rows": [], "latency": {}, "failures": [],
+        "budgets": args.budgets,
+        "methods": methods,
+        "skipped_methods": skipped_methods,
+        "bases": {},
+        "rows": [],
+        "latency": {},
+        "failures": [],
     }
     for arch in args.archs:
         recipe = ctx.recipe_for(arch)
@@ -613,8 +817,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         base.eval()
         base_top1 = top1(base, loader)
         report["bases"][arch] = {"top1": base_top1, "macs": base_macs, "params": base_params, **meta}
-        log(f"[{arch}] base top-1 {base_top1:.2f}% on {args.val_images} val images after BN re-calibration "
-            f"({meta['top1_before_bn_recal']:.2f}% before), {base_macs:,} MACs ({meta['source']})")
+        log(
+            f"[{arch}] base top-1 {base_top1:.2f}% on {args.val_images} val images after BN re-calibration "
+            f"({meta['top1_before_bn_recal']:.2f}% before), {base_macs:,} MACs ({meta['source']})"
+        )
         arch_dir = args.out / run_name(args) / arch
         base_onnx = arch_dir / "base.onnx"
         export_onnx(base, size, base_onnx, opset=args.opset, dynamic_batch=True)
@@ -633,13 +839,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if row is None:
                     log(f"[{arch} {budget}] {method} ...")
                     try:
-                        row = run_method(ctx, method, arch, budget, base, spec, recipe, x, y, loader, key, work)
+                        row = run_method(
+                            ctx, method, arch, budget, base, spec, recipe, x, y, loader, key, work
+                        )
                     except Exception as exc:  # noqa: BLE001 - one failing method must not sink the table
                         import traceback
 
                         traceback.print_exc()
-                        report["failures"].append({"arch": arch, "budget": budget, "method": method,
-                                                   "error": f"{type(exc).__name__}: {exc}"})
+                        report["failures"].append(
+                            {
+                                "arch": arch,
+                                "budget": budget,
+                                "method": method,
+                                "error": f"{type(exc).__name__}: {exc}",
+                            }
+                        )
                         log(f"[{arch} {budget}] {method} FAILED: {type(exc).__name__}: {exc}")
                         continue
                 else:
@@ -648,8 +862,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 onnx_files[method] = work / "model.onnx"
             lat_path = bdir / "latency.json"
             lat = json.loads(lat_path.read_text()) if lat_path.is_file() and not args.force else None
-            lat_key = {"settings": key, "methods": list(onnx_files), "latency_seconds": args.latency_seconds,
-                       "rounds": args.latency_rounds, "threads": args.threads}
+            lat_key = {
+                "settings": key,
+                "methods": list(onnx_files),
+                "latency_seconds": args.latency_seconds,
+                "rounds": args.latency_rounds,
+                "threads": args.threads,
+            }
             if lat is None or lat.get("key") != lat_key:
                 log(f"[{arch} {budget}] ORT latency: base + {len(onnx_files)} models, interleaved ...")
                 lat = measure_group(ctx, base_onnx, onnx_files, size)
@@ -660,7 +879,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report["wall_s"] = time.perf_counter() - t_start
     name = run_name(args)
     atomic_json(args.out / f"{name}.json", report)
-    png = args.out / ("tradeoff_methods" + name[len("compare"):] + ".png")
+    png = args.out / ("tradeoff_methods" + name[len("compare") :] + ".png")
     plot(report, png)
     print(markdown_tables(report))
     for f in report["failures"]:

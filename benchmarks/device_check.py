@@ -63,13 +63,20 @@ class Steps:
         print(f"[device_check] {name} ...", flush=True)
         try:
             value = fn()
-            self.results[name] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 2), "result": value}
+            self.results[name] = {
+                "status": "ok",
+                "seconds": round(time.perf_counter() - t0, 2),
+                "result": value,
+            }
             return value
         except Exception as exc:  # noqa: BLE001 - a check records any failure and goes on
             line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            self.results[name] = {"status": "failed", "seconds": round(time.perf_counter() - t0, 2),
-                                  "error": f"{type(exc).__name__}: {line}",
-                                  "traceback": traceback.format_exc(limit=6)}
+            self.results[name] = {
+                "status": "failed",
+                "seconds": round(time.perf_counter() - t0, 2),
+                "error": f"{type(exc).__name__}: {line}",
+                "traceback": traceback.format_exc(limit=6),
+            }
             print(f"[device_check] {name} FAILED: {line}", flush=True)
             return None
 
@@ -79,7 +86,7 @@ def device() -> torch.device:
 
 
 def context(a: argparse.Namespace) -> dict:
-    from gslim.commands.common import environment_info
+    from gslim.environment import environment_info
 
     info = {"environment": environment_info(), "dry": a.dry, "device": str(device())}
     if torch.cuda.is_available():
@@ -128,24 +135,35 @@ def select(arch: str, model: torch.nn.Module, a: argparse.Namespace) -> tuple[di
     macs = count_macs_params(res.model.cpu(), a.size)[0]
     model.to(device())
     res.model.to(device())
-    return {"arch": arch, "calib_images": a.calib_images, "size": a.size, "selection_s": round(select_s, 3),
-            "forward_s": round(forward_s, 4), "forward_passes": round(select_s / max(forward_s, 1e-9), 2),
-            "macs_fraction": round(macs / base_macs, 4), "selected_on": sorted(on),
-            "warnings": sum(len(u.warnings) for u in res.units)}, res
+    return {
+        "arch": arch,
+        "calib_images": a.calib_images,
+        "size": a.size,
+        "selection_s": round(select_s, 3),
+        "forward_s": round(forward_s, 4),
+        "forward_passes": round(select_s / max(forward_s, 1e-9), 2),
+        "macs_fraction": round(macs / base_macs, 4),
+        "selected_on": sorted(on),
+        "warnings": sum(len(u.warnings) for u in res.units),
+    }, res
 
 
 def latency(arch: str, base_ckpt: Path, slim_ckpt: Path, a: argparse.Namespace) -> list[dict]:
     import contextlib
 
-    from gslim.profiling.backends import BackendOptions, TorchCPU, TorchCUDA
     from gslim.profiling.measure import MeasureSettings, measure_interleaved, speedup, summarize
+    from gslim.runtime import BackendOptions, TorchCPU, TorchCUDA
 
     cuda = torch.cuda.is_available()
-    settings = MeasureSettings(warmup_s=min(0.5, a.seconds), min_iters=10 if a.dry else 30,
-                               min_seconds=a.seconds, rounds=2 if a.dry else 3)
+    settings = MeasureSettings(
+        warmup_s=min(0.5, a.seconds),
+        min_iters=10 if a.dry else 30,
+        min_seconds=a.seconds,
+        rounds=2 if a.dry else 3,
+    )
     rows = []
-    for fp16 in ((False, True) if cuda else (False,)):
-        for graphs in ((False, True) if cuda else (False,)):
+    for fp16 in (False, True) if cuda else (False,):
+        for graphs in (False, True) if cuda else (False,):
             for batch in a.batches:
                 opts = BackendOptions(fp16=fp16, cuda_graphs=graphs, input_size=a.size)
                 cls = TorchCUDA if cuda else TorchCPU
@@ -159,10 +177,19 @@ def latency(arch: str, base_ckpt: Path, slim_ckpt: Path, a: argparse.Namespace) 
                     graph_used = runners["base"].describe().get("options", {}).get("cuda_graph")
                 b = summarize(samples["base"].primary, batch=batch)
                 c = summarize(samples["compressed"].primary, batch=batch)
-                rows.append({"arch": arch, "backend": cls.name, "precision": "fp16" if fp16 else "fp32",
-                             "cuda_graphs": graphs, "cuda_graph_captured": graph_used, "batch": batch,
-                             "base_ms": b["median_ms"], "compressed_ms": c["median_ms"],
-                             "speedup": speedup(samples["base"], samples["compressed"])["speedup"]})
+                rows.append(
+                    {
+                        "arch": arch,
+                        "backend": cls.name,
+                        "precision": "fp16" if fp16 else "fp32",
+                        "cuda_graphs": graphs,
+                        "cuda_graph_captured": graph_used,
+                        "batch": batch,
+                        "base_ms": b["median_ms"],
+                        "compressed_ms": c["median_ms"],
+                        "speedup": speedup(samples["base"], samples["compressed"])["speedup"],
+                    }
+                )
     return rows
 
 
@@ -177,23 +204,48 @@ def finetune(arch: str, base: torch.nn.Module, res: Any, a: argparse.Namespace) 
     model = copy.deepcopy(res.model)
     for p in model.parameters():
         p.requires_grad_(True)
-    cfg = FinetuneConfig(epochs=1, device="cuda" if torch.cuda.is_available() else "cpu", amp=True,
-                         channels_last=True)
+    cfg = FinetuneConfig(
+        epochs=1, device="cuda" if torch.cuda.is_available() else "cpu", amp=True, channels_last=True
+    )
     images = 64 if a.dry else 2048
-    data = DataConfig(kind="synthetic", synthetic_train=images, synthetic_val=max(32, images // 8),
-                      batch_size=16 if a.dry else 128, workers=0, calib_images=16)
+    data = DataConfig(
+        kind="synthetic",
+        synthetic_train=images,
+        synthetic_val=max(32, images // 8),
+        batch_size=16 if a.dry else 128,
+        workers=0,
+        calib_images=16,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        r = fit(model, ModelSpec(arch, a.classes, a.size, widths=res.widths or None), cfg, data, Path(tmp),
-                teacher=copy.deepcopy(base), force=True, output_name="finetuned.pt", progress=False, quiet=True)
+        r = fit(
+            model,
+            ModelSpec(arch, a.classes, a.size, widths=res.widths or None),
+            cfg,
+            data,
+            Path(tmp),
+            teacher=copy.deepcopy(base),
+            force=True,
+            output_name="finetuned.pt",
+            progress=False,
+            quiet=True,
+        )
         seconds = time.perf_counter() - t0
         log = [_json.loads(x) for x in (Path(tmp) / "train_log.jsonl").read_text().splitlines()]
     loss = log[-1].get("train_loss")
     if loss is None or loss != loss:
         raise RuntimeError(f"fine-tuning produced no finite loss: {log[-1]}")
-    return {"arch": arch, "images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1),
-            "train_loss": loss, "val_top1": r.metrics.get("val_top1"), "amp": cfg.amp, "device": cfg.device,
-            "channels_last": cfg.channels_last}
+    return {
+        "arch": arch,
+        "images": images,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 1),
+        "train_loss": loss,
+        "val_top1": r.metrics.get("val_top1"),
+        "amp": cfg.amp,
+        "device": cfg.device,
+        "channels_last": cfg.channels_last,
+    }
 
 
 def markdown(results: dict) -> str:
@@ -201,8 +253,10 @@ def markdown(results: dict) -> str:
     ctx = (results.get("context") or {}).get("result") or {}
     gpu = ctx.get("gpu") or {}
     env = ctx.get("environment") or {}
-    lines.append(f"- device: {gpu.get('gpu') or ctx.get('device')}; driver {gpu.get('driver')}; CUDA "
-                 f"{gpu.get('cuda_runtime')}; TensorRT {gpu.get('tensorrt')}; torch {env.get('torch')}; dry: {ctx.get('dry')}")
+    lines.append(
+        f"- device: {gpu.get('gpu') or ctx.get('device')}; driver {gpu.get('driver')}; CUDA "
+        f"{gpu.get('cuda_runtime')}; TensorRT {gpu.get('tensorrt')}; torch {env.get('torch')}; dry: {ctx.get('dry')}"
+    )
     for note in gpu.get("notes", []):
         lines.append(f"- note: {note}")
     lines += ["", "| step | status | seconds | detail |", "|---|---|---|---|"]
@@ -210,19 +264,40 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {r['status']} | {r['seconds']} | {r.get('error', '')} |")
     sel = [r["result"] for n, r in results.items() if n.startswith("select ") and r["status"] == "ok"]
     if sel:
-        lines += ["", "| model | selection s | forward s | forward passes | MACs | selected on |", "|---|---|---|---|---|---|"]
-        lines += [f"| {s['arch']} | {s['selection_s']} | {s['forward_s']} | {s['forward_passes']} | "
-                  f"{100 * s['macs_fraction']:.1f}% | {', '.join(s['selected_on'])} |" for s in sel]
-    lat = [row for n, r in results.items() if n.startswith("latency ") and r["status"] == "ok" for row in r["result"]]
+        lines += [
+            "",
+            "| model | selection s | forward s | forward passes | MACs | selected on |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['arch']} | {s['selection_s']} | {s['forward_s']} | {s['forward_passes']} | "
+            f"{100 * s['macs_fraction']:.1f}% | {', '.join(s['selected_on'])} |"
+            for s in sel
+        ]
+    lat = [
+        row
+        for n, r in results.items()
+        if n.startswith("latency ") and r["status"] == "ok"
+        for row in r["result"]
+    ]
     if lat:
-        lines += ["", "| model | backend | precision | CUDA graphs | batch | base ms | compressed ms | speedup |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['arch']} | {x['backend']} | {x['precision']} | {x['cuda_graph_captured']} | {x['batch']} | "
-                  f"{x['base_ms']:.3f} | {x['compressed_ms']:.3f} | {x['speedup']:.2f}x |" for x in lat]
+        lines += [
+            "",
+            "| model | backend | precision | CUDA graphs | batch | base ms | compressed ms | speedup |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {x['arch']} | {x['backend']} | {x['precision']} | {x['cuda_graph_captured']} | {x['batch']} | "
+            f"{x['base_ms']:.3f} | {x['compressed_ms']:.3f} | {x['speedup']:.2f}x |"
+            for x in lat
+        ]
     ft = results.get("finetune mobilenet_v2", {}).get("result")
     if ft:
-        lines += ["", f"Fine-tune (1 epoch, AMP, channels_last, {ft['device']}): {ft['images_per_s']} img/s, "
-                      f"loss {ft['train_loss']:.3f}"]
+        lines += [
+            "",
+            f"Fine-tune (1 epoch, AMP, channels_last, {ft['device']}): {ft['images_per_s']} img/s, "
+            f"loss {ft['train_loss']:.3f}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -244,17 +319,24 @@ def main(argv: Optional[list[str]] = None) -> int:
             _, res = out
             steps.results[f"select {arch}"]["result"] = out[0]
             base_ckpt = save_checkpoint(base, ModelSpec(arch, a.classes, a.size), Path(tmp) / f"{arch}.pt")
-            slim_ckpt = save_checkpoint(res.model, ModelSpec(arch, a.classes, a.size, widths=res.widths),
-                                        Path(tmp) / f"{arch}.slim.pt")
+            slim_ckpt = save_checkpoint(
+                res.model,
+                ModelSpec(arch, a.classes, a.size, widths=res.widths),
+                Path(tmp) / f"{arch}.slim.pt",
+            )
             steps.run(f"latency {arch}", lambda arch=arch, b=base_ckpt, s=slim_ckpt: latency(arch, b, s, a))
             if arch == "mobilenet_v2":
-                steps.run(f"finetune {arch}", lambda arch=arch, base=base, res=res: finetune(arch, base, res, a))
+                steps.run(
+                    f"finetune {arch}", lambda arch=arch, base=base, res=res: finetune(arch, base, res, a)
+                )
     (a.out / "device_check.json").write_text(json.dumps(steps.results, indent=1, default=str))
     (a.out / "device_check.md").write_text(markdown(steps.results))
     print(markdown(steps.results))
     failed = [n for n, r in steps.results.items() if r["status"] != "ok"]
-    print(f"[device_check] {len(steps.results) - len(failed)} ok, {len(failed)} failed"
-          + (f": {', '.join(failed)}" if failed else ""))
+    print(
+        f"[device_check] {len(steps.results) - len(failed)} ok, {len(failed)} failed"
+        + (f": {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -78,10 +78,10 @@ def cpu_info() -> dict:
 
 
 def ort_top1(path: Path, loader) -> float:
-    from gslim.export.parity import OrtRunner
+    from gslim.export.parity import ort_cpu
 
     right = total = 0
-    with OrtRunner(path, threads=None) as r:
+    with ort_cpu(path) as r:
         for x, y in loader:
             right += int((torch.from_numpy(r.infer(x)).argmax(1) == y).sum())
             total += int(y.numel())
@@ -101,9 +101,19 @@ def finetune(model, widths, base, spec, recipe, a, arch):
     ft = recipe.finetune.model_copy(update={"device": "cpu", "max_steps_per_epoch": 2 if a.quick else None})
     data = recipe.data.model_copy(update={"train_images": a.finetune_images})
     with tempfile.TemporaryDirectory() as tmp:
-        fit(model, ModelSpec(arch, spec.num_classes, spec.input_size, widths=widths or None), ft, data, Path(tmp),
-            seed=recipe.seed, teacher=copy.deepcopy(base), force=True, output_name="finetuned.pt", progress=False,
-            quiet=True)
+        fit(
+            model,
+            ModelSpec(arch, spec.num_classes, spec.input_size, widths=widths or None),
+            ft,
+            data,
+            Path(tmp),
+            seed=recipe.seed,
+            teacher=copy.deepcopy(base),
+            force=True,
+            output_name="finetuned.pt",
+            progress=False,
+            quiet=True,
+        )
     return model.eval()
 
 
@@ -117,17 +127,34 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     a = parse_args(argv)
     torch.set_num_threads(max(1, a.threads * 2))
-    cargs = compare.parse_args(["--recipe", str(a.recipe), "--calib-images", str(a.calib_images),
-                                "--val-images", str(a.val_images or 10_000_000), "--out", str(a.out)]
-                               + (["--quick"] if a.quick else [])
-                               + (["--base-epochs", str(a.base_epochs)] if a.base_epochs else []))
+    cargs = compare.parse_args(
+        [
+            "--recipe",
+            str(a.recipe),
+            "--calib-images",
+            str(a.calib_images),
+            "--val-images",
+            str(a.val_images or 10_000_000),
+            "--out",
+            str(a.out),
+        ]
+        + (["--quick"] if a.quick else [])
+        + (["--base-epochs", str(a.base_epochs)] if a.base_epochs else [])
+    )
     ctx = compare.Context(cargs)
     machine = cpu_info()
-    report: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "args": vars(a) | {
-        "recipe": str(a.recipe), "out": str(a.out)}, "archs": {}}
-    lines = [f"CPU: {machine['cpu']}; VNNI: {', '.join(machine['vnni']) if machine['vnni'] else 'no'}; "
-             f"ORT CPU, {a.threads} thread(s), batch 1, latency at {a.latency_size}x{a.latency_size}, "
-             f"INT8 {a.calibration} calibration on {a.calib_images} images", ""]
+    report: dict[str, Any] = {
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(a) | {"recipe": str(a.recipe), "out": str(a.out)},
+        "archs": {},
+    }
+    lines = [
+        f"CPU: {machine['cpu']}; VNNI: {', '.join(machine['vnni']) if machine['vnni'] else 'no'}; "
+        f"ORT CPU, {a.threads} thread(s), batch 1, latency at {a.latency_size}x{a.latency_size}, "
+        f"INT8 {a.calibration} calibration on {a.calib_images} images",
+        "",
+    ]
     for arch in a.archs.split(","):
         recipe = ctx.recipe_for(arch)
         base, spec, meta = compare.ensure_base(ctx, arch, recipe)
@@ -137,8 +164,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         budgets = a.budgets.split(",")
         variants = [(b, 8) for b in budgets] + [(budgets[0], int(r)) for r in a.round_to.split(",") if r]
         for b, r in variants:
-            cfg = recipe.compress.model_copy(update={"criterion": "greedy", "target_macs": compare.budget_fraction(b),
-                                                     "eps": None, "round_to": r, "min_width": max(8, r)})
+            cfg = recipe.compress.model_copy(
+                update={
+                    "criterion": "greedy",
+                    "target_macs": compare.budget_fraction(b),
+                    "eps": None,
+                    "round_to": r,
+                    "min_width": max(8, r),
+                }
+            )
             name = f"greedy {b}" + ("" if r == 8 else f" round_to {r}")
             compare.log(f"[{arch}] {name}")
             res = compress_model(base, size, calib_x, calib_y, cfg, seed=recipe.seed)
@@ -157,31 +191,47 @@ def main(argv: Optional[list[str]] = None) -> int:
                 export_onnx(m, size, fp32, opset=None, dynamic_batch=True, batch=1)
                 quantize_int8(fp32, int8, calib_x, method=a.calibration)
                 compare.log(f"[{arch}] scoring {name} FP32 and INT8 on {len(loader.dataset)} images")
-                rows[name] = {"macs_fraction": count_macs_params(m, size)[0] / base_macs,
-                              "fp32_top1": ort_top1(fp32, loader), "int8_top1": ort_top1(int8, loader)}
+                rows[name] = {
+                    "macs_fraction": count_macs_params(m, size)[0] / base_macs,
+                    "fp32_top1": ort_top1(fp32, loader),
+                    "int8_top1": ort_top1(int8, loader),
+                }
                 # latency files at the latency resolution: the same weights, a bigger input
                 lf, li = stem.with_suffix(".lat.onnx"), stem.with_suffix(".lat.int8.onnx")
                 export_onnx(m, a.latency_size, lf, opset=None, dynamic_batch=True, batch=1)
                 quantize_int8(lf, li, big_calib, method=a.calibration)
                 files[(name, "fp32")], files[(name, "int8")] = lf, li
             compare.log(f"[{arch}] timing {len(files)} files interleaved")
-            samples, _, _ = compare.ort_cpu_interleaved(files, a.latency_size, a.threads, a.latency_seconds,
-                                                        a.latency_rounds)
+            samples, _, _ = compare.ort_cpu_interleaved(
+                files, a.latency_size, a.threads, a.latency_seconds, a.latency_rounds
+            )
         base_ms = summarize(samples[("base", "fp32")].primary, batch=1)["median_ms"]
         for name in models:
             f32 = summarize(samples[(name, "fp32")].primary, batch=1)["median_ms"]
             i8 = summarize(samples[(name, "int8")].primary, batch=1)["median_ms"]
-            rows[name].update({"fp32_ms": f32, "int8_ms": i8, "int8_speedup": f32 / i8,
-                               "int8_speedup_vs_base_fp32": base_ms / i8})
+            rows[name].update(
+                {
+                    "fp32_ms": f32,
+                    "int8_ms": i8,
+                    "int8_speedup": f32 / i8,
+                    "int8_speedup_vs_base_fp32": base_ms / i8,
+                }
+            )
         report["archs"][arch] = {"base": meta, "rows": rows}
-        lines += [f"### {arch} (base: {meta.get('train', meta.get('source'))})", "",
-                  "| model | MACs | FP32 top-1 | INT8 top-1 | INT8 - base FP32 | FP32 ms | INT8 ms | INT8 speedup "
-                  "| vs base FP32 |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {arch} (base: {meta.get('train', meta.get('source'))})",
+            "",
+            "| model | MACs | FP32 top-1 | INT8 top-1 | INT8 - base FP32 | FP32 ms | INT8 ms | INT8 speedup "
+            "| vs base FP32 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         ref = rows["base"]["fp32_top1"]
         for name, r in rows.items():
-            lines.append(f"| {name} | {100 * r['macs_fraction']:.1f}% | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} "
-                         f"| {r['int8_top1'] - ref:+.2f} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} "
-                         f"| {r['int8_speedup']:.2f}x | {r['int8_speedup_vs_base_fp32']:.2f}x |")
+            lines.append(
+                f"| {name} | {100 * r['macs_fraction']:.1f}% | {r['fp32_top1']:.2f} | {r['int8_top1']:.2f} "
+                f"| {r['int8_top1'] - ref:+.2f} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} "
+                f"| {r['int8_speedup']:.2f}x | {r['int8_speedup_vs_base_fp32']:.2f}x |"
+            )
         lines.append("")
     a.out.mkdir(parents=True, exist_ok=True)
     out = a.out / ("int8_quick.json" if a.quick else "int8.json")

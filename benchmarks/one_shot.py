@@ -64,15 +64,31 @@ def main() -> None:
         recalibrate_bn(recal, split_batches(x, 128))
         rec = evaluate_on_recipe(recal, recipe)["top1"]
         macs, params = count_macs_params(recal, size)
-        row = {"criterion": crit, "macs_fraction": macs / base_macs, "params": params, "select_s": seconds,
-               "one_shot_top1": raw, "one_shot_top1_bn_recal": rec}
+        row = {
+            "criterion": crit,
+            "macs_fraction": macs / base_macs,
+            "params": params,
+            "select_s": seconds,
+            "one_shot_top1": raw,
+            "one_shot_top1_bn_recal": rec,
+        }
         if args.finetune_epochs:
             ft = recipe.finetune.model_copy(update={"epochs": args.finetune_epochs})
             data = recipe.data.model_copy(update={"train_images": args.finetune_images})
             out = args.work_dir / crit
-            r = fit(recal, ModelSpec(spec.arch, spec.num_classes, size, widths=res.widths), ft, data, out,
-                    seed=recipe.seed, teacher=base, force=True, output_name="finetuned.pt", progress=False,
-                    quiet=True)
+            r = fit(
+                recal,
+                ModelSpec(spec.arch, spec.num_classes, size, widths=res.widths),
+                ft,
+                data,
+                out,
+                seed=recipe.seed,
+                teacher=base,
+                force=True,
+                output_name="finetuned.pt",
+                progress=False,
+                quiet=True,
+            )
             row["finetuned_top1"] = r.metrics.get("val_top1")
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -84,8 +100,14 @@ def main() -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        cells = [r["criterion"], f"{100 * r['macs_fraction']:.1f}%", f"{r['params']:,}", f"{r['select_s']:.1f}",
-                 f"{r['one_shot_top1']:.2f}", f"{r['one_shot_top1_bn_recal']:.2f}"]
+        cells = [
+            r["criterion"],
+            f"{100 * r['macs_fraction']:.1f}%",
+            f"{r['params']:,}",
+            f"{r['select_s']:.1f}",
+            f"{r['one_shot_top1']:.2f}",
+            f"{r['one_shot_top1_bn_recal']:.2f}",
+        ]
         if args.finetune_epochs:
             cells.append(f"{r.get('finetuned_top1', float('nan')):.2f}")
         print("| " + " | ".join(cells) + " |")

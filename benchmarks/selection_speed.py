@@ -81,8 +81,11 @@ def calibration(n: int, size: int, kind: str, seed: int = 0) -> tuple[torch.Tens
     if kind == "fashion-mnist":
         raise SystemExit(f"Fashion-MNIST not found at {DEFAULT_FASHION_MNIST}")
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, size, size, generator=g), torch.randint(0, 1000, (n,), generator=g),
-            f"synthetic N(0,1) images, {n} at {size}x{size}, random labels")
+    return (
+        torch.randn(n, 3, size, size, generator=g),
+        torch.randint(0, 1000, (n,), generator=g),
+        f"synthetic N(0,1) images, {n} at {size}x{size}, random labels",
+    )
 
 
 @torch.no_grad()
@@ -112,15 +115,22 @@ def _greedy_loss_child(model, size, x, y, cfg, max_bytes, queue) -> None:
         res = compress_model(model, size, x, y, cfg, seed=0, batch_size=64, progress=progress)
         queue.put(("done", res.seconds))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which prints it
-        queue.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
-                   time.perf_counter() - t0))
+        queue.put(
+            (
+                "error",
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                time.perf_counter() - t0,
+            )
+        )
 
 
 def run_greedy_loss(model, size, x, y, cfg, max_seconds: float, max_gb: float) -> dict:
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     max_bytes = int(max_gb * 2**30) if max_gb > 0 else 0
-    proc = ctx.Process(target=_greedy_loss_child, args=(model, size, x, y, cfg, max_bytes, queue), daemon=True)
+    proc = ctx.Process(
+        target=_greedy_loss_child, args=(model, size, x, y, cfg, max_bytes, queue), daemon=True
+    )
     t0 = time.perf_counter()
     proc.start()
     out: dict[str, Any] = {"units_done": 0, "units": None}
@@ -199,8 +209,12 @@ def greedy_loss_estimate(model: nn.Module, size: int, cfg, fwd_per_image: float,
         rest = sum(by_mod.get(n, 0) for n in leaf[start:])
         evals_total += evals
         seconds += evals * per_eval * fwd_per_image * rest / max(total, 1)
-    return {"candidate_evaluations": evals_total, "images_per_evaluation": per_eval,
-            "estimate_s": seconds, "units": len(units)}
+    return {
+        "candidate_evaluations": evals_total,
+        "images_per_evaluation": per_eval,
+        "estimate_s": seconds,
+        "units": len(units),
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -211,8 +225,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore")
-    from gslim.commands.common import environment_info
     from gslim.compress.select import compress_model
+    from gslim.environment import environment_info
     from gslim.models import build_architecture, count_macs_params
     from gslim.recipe import CompressConfig
 
@@ -226,10 +240,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     x, y, data_desc = calibration(args.images, args.size, args.data)
     log(f"calibration data: {data_desc}")
     report: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "environment": environment_info("cpu"), "threads": args.threads, "data": data_desc,
-        "images": args.images, "size": args.size, "budget": args.budget, "max_seconds": args.max_seconds,
-        "max_memory_gb": args.max_memory_gb, "skipped": skipped, "rows": [],
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "environment": environment_info("cpu"),
+        "threads": args.threads,
+        "data": data_desc,
+        "images": args.images,
+        "size": args.size,
+        "budget": args.budget,
+        "max_seconds": args.max_seconds,
+        "max_memory_gb": args.max_memory_gb,
+        "skipped": skipped,
+        "rows": [],
     }
     for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
         torch.manual_seed(0)
@@ -243,8 +265,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             res = compress_model(model, args.size, x, y, cfg, seed=0, batch_size=64)
             macs, _ = count_macs_params(res.model, args.size)
             row["greedy"] = {"seconds": res.seconds, "macs_fraction": macs / base_macs}
-            log(f"[{arch}] greedy: {res.seconds:.1f} s ({res.seconds / fwd:.1f} forward passes), "
-                f"MACs {100 * macs / base_macs:.1f}%")
+            log(
+                f"[{arch}] greedy: {res.seconds:.1f} s ({res.seconds / fwd:.1f} forward passes), "
+                f"MACs {100 * macs / base_macs:.1f}%"
+            )
             del res
         if "greedy-loss" in methods:
             lcfg = cfg.model_copy(update={"criterion": "greedy-loss"})
@@ -253,18 +277,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             gl.update({k: v for k, v in est.items() if k != "units"})
             gl["units"] = gl.get("units") or est["units"]
             row["greedy-loss"] = gl
-            log(f"[{arch}] greedy-loss: {gl.get('status')} {gl.get('seconds') or gl.get('error') or ''} "
+            log(
+                f"[{arch}] greedy-loss: {gl.get('status')} {gl.get('seconds') or gl.get('error') or ''} "
                 f"(units {gl['units_done']}/{gl['units']}); estimate {est['estimate_s']:.0f} s "
-                f"for {est['candidate_evaluations']:,} candidate evaluations x {est['images_per_evaluation']} images")
+                f"for {est['candidate_evaluations']:,} candidate evaluations x {est['images_per_evaluation']} images"
+            )
         for m in [m for m in methods if m.startswith("tp-")]:
             t0 = time.perf_counter()
             pruned, info = tp_prune(model, m, args.size, x, y, frac * base_macs, 8, 64)
             macs, _ = count_macs_params(pruned, args.size)
-            row[m] = {"seconds": info["select_s"], "gradient_s": info["gradient_s"],
-                      "search_s": time.perf_counter() - t0, "pruning_ratio": info["pruning_ratio"],
-                      "macs_fraction": macs / base_macs}
-            log(f"[{arch}] {m}: {info['select_s']:.1f} s at ratio {info['pruning_ratio']:.3f} "
-                f"(MACs {100 * macs / base_macs:.1f}%; bisection {row[m]['search_s']:.0f} s, not counted)")
+            row[m] = {
+                "seconds": info["select_s"],
+                "gradient_s": info["gradient_s"],
+                "search_s": time.perf_counter() - t0,
+                "pruning_ratio": info["pruning_ratio"],
+                "macs_fraction": macs / base_macs,
+            }
+            log(
+                f"[{arch}] {m}: {info['select_s']:.1f} s at ratio {info['pruning_ratio']:.3f} "
+                f"(MACs {100 * macs / base_macs:.1f}%; bisection {row[m]['search_s']:.0f} s, not counted)"
+            )
             del pruned
         report["rows"].append(row)
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -283,19 +315,38 @@ def _cell(entry: Optional[dict], fwd: float, max_seconds: float) -> tuple[str, s
         est = entry.get("estimate_s")
         tail = f"; est. {est:,.0f} s" if est else ""
         if entry["status"] == "cut":
-            return (f"> {max_seconds:.0f} (cut after {entry['units_done']}/{entry['units']} units{tail})",
-                    f"> {max_seconds / fwd:.0f} (est. {est / fwd:,.0f})" if est else f"> {max_seconds / fwd:.0f}")
-        return (f"failed: {entry.get('error', '')[:80]} after {entry['units_done']}/{entry['units']} units{tail}",
-                f"est. {est / fwd:,.0f}" if est else "—")
+            return (
+                f"> {max_seconds:.0f} (cut after {entry['units_done']}/{entry['units']} units{tail})",
+                f"> {max_seconds / fwd:.0f} (est. {est / fwd:,.0f})" if est else f"> {max_seconds / fwd:.0f}",
+            )
+        return (
+            f"failed: {entry.get('error', '')[:80]} after {entry['units_done']}/{entry['units']} units{tail}",
+            f"est. {est / fwd:,.0f}" if est else "—",
+        )
     return f"{entry['seconds']:.1f}", f"{entry['seconds'] / fwd:.1f}"
 
 
 def markdown(report: dict) -> str:
-    head = ["model", "MACs", "forward (s)", "greedy s", "×fwd", "greedy-loss s", "×fwd", "tp-magnitude s",
-            "×fwd", "tp-taylor s", "×fwd", "greedy-loss / greedy"]
-    lines = [f"\n{report['images']} calibration images at {report['size']}x{report['size']} ({report['data']}), "
-             f"budget {report['budget']} MACs, {report['threads']} thread(s), {report['environment']['cpu']}\n",
-             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    head = [
+        "model",
+        "MACs",
+        "forward (s)",
+        "greedy s",
+        "×fwd",
+        "greedy-loss s",
+        "×fwd",
+        "tp-magnitude s",
+        "×fwd",
+        "tp-taylor s",
+        "×fwd",
+        "greedy-loss / greedy",
+    ]
+    lines = [
+        f"\n{report['images']} calibration images at {report['size']}x{report['size']} ({report['data']}), "
+        f"budget {report['budget']} MACs, {report['threads']} thread(s), {report['environment']['cpu']}\n",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
     for r in report["rows"]:
         fwd = r["forward_s"]
         cells = [r["arch"], f"{r['macs'] / 1e6:.0f} M", f"{fwd:.1f}"]

@@ -17,8 +17,14 @@ TINY_RECIPE: dict[str, Any] = {
     "name": "tiny",
     "seed": 0,
     "model": {"arch": "mobilenet_v2", "num_classes": 4, "input_size": 32},
-    "data": {"kind": "synthetic", "batch_size": 16, "workers": 0, "synthetic_train": 64, "synthetic_val": 32,
-             "calib_images": 32},
+    "data": {
+        "kind": "synthetic",
+        "batch_size": 16,
+        "workers": 0,
+        "synthetic_train": 64,
+        "synthetic_val": 32,
+        "calib_images": 32,
+    },
     "train": {"epochs": 1, "lr": 0.4, "warmup_epochs": 0.5, "device": "cpu"},
 }
 

@@ -18,8 +18,9 @@ TP_REASON = "torch_pruning is not installed (pip install 'gslim[bench]'): Torch-
 
 def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -74,9 +75,26 @@ def test_tp_prune_meets_budget():
 
 def test_selection_speed_tiny(tmp_path):
     js = tmp_path / "speed.json"
-    proc = _run(["benchmarks/selection_speed.py", "--archs", "mobilenet_v2", "--images", "8", "--size", "32",
-                 "--data", "synthetic", "--methods", "greedy,greedy-loss", "--max-seconds", "5",
-                 "--json", str(js)], timeout=120)
+    proc = _run(
+        [
+            "benchmarks/selection_speed.py",
+            "--archs",
+            "mobilenet_v2",
+            "--images",
+            "8",
+            "--size",
+            "32",
+            "--data",
+            "synthetic",
+            "--methods",
+            "greedy,greedy-loss",
+            "--max-seconds",
+            "5",
+            "--json",
+            str(js),
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(js.read_text())["rows"][0]
     assert row["forward_s"] > 0 and row["greedy"]["seconds"] > 0
@@ -95,3 +113,16 @@ def test_int8_quick(tmp_path):
     for r in rows.values():
         assert 0 <= r["int8_top1"] <= 100 and r["fp32_ms"] > 0 and r["int8_ms"] > 0
     assert "| greedy 50% |" in proc.stdout and "VNNI" in proc.stdout
+
+
+@pytest.mark.slow
+def test_latency_budget_quick(tmp_path):
+    out = tmp_path / "results"
+    proc = _run(
+        ["benchmarks/latency_budget.py", "--part", "speed", "--quick", "--out", str(out)], timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "quick" / "speed_quick.json").read_text())
+    (row,) = report["rows"]
+    assert row["measured_ms"] > 0 and row["predicted_ms"] > 0 and row["measured_now_first"] > 0
+    assert "| mobilenet_v3_small | 85% |" in proc.stdout and "latency round 1" in proc.stderr

@@ -79,6 +79,7 @@ def test_greedy_refit_is_monotone_and_least_squares_optimal(group):
         assert path[k - 1] == pytest.approx(_lstsq_error(X, Y, cols), abs=1e-9)
         _, err = refit(st, sorted(order[:k]), ridge=0.0)
         assert err == pytest.approx(path[k - 1], abs=1e-9)
+
     # each step is the best single addition (greedy), checked by brute force
     def err_with(chosen, j):
         return _lstsq_error(X, Y, [c * group + t for c in chosen + [j] for t in range(group)])
@@ -128,7 +129,9 @@ def test_greedy_beats_magnitude_on_the_discrepancy_it_minimises():
     x = torch.randn(96, 3, 32, 32)
     out = {}
     for crit in ("greedy", "l1"):
-        r = compress_model(model, 32, x, None, CompressConfig(criterion=crit, target_macs=0.5, bn_recalib=False))
+        r = compress_model(
+            model, 32, x, None, CompressConfig(criterion=crit, target_macs=0.5, bn_recalib=False)
+        )
         with torch.no_grad():
             ref = model(x)
             out[crit] = float(((r.model(x) - ref) ** 2).mean() / (ref**2).mean())
@@ -155,8 +158,13 @@ def test_budget_is_met_within_one_rounding_step(arch, criterion):
 def test_unreachable_budget_is_one_clear_error():
     model = torchvision.models.get_model("mobilenet_v2", num_classes=10).eval()
     with pytest.raises(GslimError, match="unreachable"):
-        compress_model(model, 32, torch.randn(8, 3, 32, 32), None,
-                       CompressConfig(criterion="l1", target_macs=0.01, min_width=64, round_to=8))
+        compress_model(
+            model,
+            32,
+            torch.randn(8, 3, 32, 32),
+            None,
+            CompressConfig(criterion="l1", target_macs=0.01, min_width=64, round_to=8),
+        )
 
 
 def test_greedy_loss_adds_the_channel_that_lowers_the_loss_most():
@@ -165,8 +173,15 @@ def test_greedy_loss_adds_the_channel_that_lowers_the_loss_most():
     x = torch.randn(48, 3, 12, 12)
     with torch.no_grad():
         y = model(x).argmax(1)
-    cfg = CompressConfig(criterion="greedy-loss", target_params=0.9, round_to=1, min_width=1, loss_batch=48,
-                         loss_candidates=16, bn_recalib=False)
+    cfg = CompressConfig(
+        criterion="greedy-loss",
+        target_params=0.9,
+        round_to=1,
+        min_width=1,
+        loss_batch=48,
+        loss_candidates=16,
+        bn_recalib=False,
+    )
     rep = next(u for u in compress_model(model, 12, x, y, cfg).units if u.name == "stem")
 
     def loss_with(channels):  # brute force: mask the projection's input to the given channels
@@ -218,7 +233,9 @@ def test_prune_residual_narrows_stage_widths():
     # rows than unknowns, and their only "cheap" look came from in-sample errors that read ~0
     x = torch.randn(256, 3, 32, 32)
     for crit in ("greedy", "l1"):
-        r = compress_model(model, 32, x, None, CompressConfig(criterion=crit, target_macs=0.25, prune_residual=True))
+        r = compress_model(
+            model, 32, x, None, CompressConfig(criterion=crit, target_macs=0.25, prune_residual=True)
+        )
         assert any(u.kind == "residual" and u.kept < u.width for u in r.units), crit
         assert r.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -276,7 +293,9 @@ def test_compressed_models_export_to_onnx_with_parity(arch, tmp_path):
     torch.manual_seed(0)
     model = _randomise_bn(torchvision.models.get_model(arch, num_classes=10))
     x = torch.randn(32, 3, 32, 32)
-    r = compress_model(model, 32, x, None, CompressConfig(criterion="l1", target_macs=0.5, prune_residual=True))
+    r = compress_model(
+        model, 32, x, None, CompressConfig(criterion="l1", target_macs=0.5, prune_residual=True)
+    )
     path = save_checkpoint(r.model, ModelSpec(arch, 10, 32, widths=r.widths), tmp_path / "slim.pt")
     slim, _ = load_model(path)
     onnx_path = export_onnx(slim, 32, tmp_path / "slim.onnx", opset=17)

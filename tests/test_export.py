@@ -56,7 +56,7 @@ def synthetic_recipe(**export):
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     """Real pipeline images: the synthetic recipe's validation split, as the export stage reads them."""
-    from gslim.commands.export import parity_images
+    from gslim.export.stage import parity_images
 
     x = parity_images(synthetic_recipe(), SIZE, CLASSES, 24)
     assert x.shape == (24, 3, SIZE, SIZE)
@@ -260,7 +260,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_export_stage_writes_artifacts_and_refuses_overwrite(checkpoint, tmp_path):
-    from gslim.commands.export import export_stage
+    from gslim.export.stage import export_stage
 
     recipe = synthetic_recipe(opset=17, fp16_onnx=True)
     out = tmp_path / "run"
@@ -284,7 +284,7 @@ def test_export_stage_writes_artifacts_and_refuses_overwrite(checkpoint, tmp_pat
 
 
 def test_export_stage_failed_parity_keeps_no_artifact(checkpoint, tmp_path):
-    from gslim.commands.export import export_stage
+    from gslim.export.stage import export_stage
 
     out = tmp_path / "run"
     recipe = synthetic_recipe(opset=17, tolerance=1e-12)  # impossible tolerance
@@ -398,9 +398,9 @@ def test_cli_help_documents_every_option(capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_all_named_models_export_at_64(arch, tmp_path):
-    from gslim.commands.export import parity_images
     from gslim.export.onnx import export_onnx
     from gslim.export.parity import onnx_parity
+    from gslim.export.stage import parity_images
 
     model = calibrated_model(arch, size=64)
     path = export_onnx(model, 64, tmp_path / f"{arch}.onnx")
@@ -497,7 +497,7 @@ def test_tensorrt_int8_build_runs(exported, images, tmp_path):
 @pytest.mark.gpu
 def test_export_stage_with_engine(checkpoint, tmp_path):
     _need_tensorrt()
-    from gslim.commands.export import export_stage
+    from gslim.export.stage import export_stage
 
     recipe = synthetic_recipe(
         engine=True, precision="fp16", fp16_onnx=True, min_batch=1, opt_batch=4, max_batch=8, workspace_mb=512
@@ -725,8 +725,9 @@ def test_build_engine_int8_from_qdq_on_every_major(fake_trt, qdq_onnx, tmp_path,
 
     fp32, qdq = qdq_onnx  # made before the stand-in replaces tensorrt
     trt = fake_trt(major)
-    info = build_engine(fp32, tmp_path / "m.engine", precision="int8", int8_onnx=qdq, min_batch=1, opt_batch=1,
-                        max_batch=2)
+    info = build_engine(
+        fp32, tmp_path / "m.engine", precision="int8", int8_onnx=qdq, min_batch=1, opt_batch=1, max_batch=2
+    )
     assert trt.calls["parsed"] == str(qdq)
     assert info["mode"] == "strongly-typed Q/DQ ONNX" and trt.calls["flags"] == set()
     expected = 0 if major >= 11 else 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
@@ -736,7 +737,7 @@ def test_build_engine_int8_from_qdq_on_every_major(fake_trt, qdq_onnx, tmp_path,
 
 
 def test_engine_request_without_tensorrt_fails_before_export(monkeypatch, checkpoint, tmp_path):
-    from gslim.commands.export import export_stage
+    from gslim.export.stage import export_stage
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'gslim\[gpu\]'"):
@@ -761,8 +762,13 @@ def test_int8_qdq_structure_is_what_tensorrt_accepts_and_runs_in_ort(exported, i
     assert info["per_channel_weights"] == len(weighted)  # one scale per output channel
     g = onnx.load(str(out)).graph
     inits = {t.name for t in g.initializer}
-    axes = [a.i for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits for a in n.attribute
-            if a.name == "axis"]
+    axes = [
+        a.i
+        for n in g.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+        for a in n.attribute
+        if a.name == "axis"
+    ]
     assert axes and set(axes) == {0}  # the output-channel axis of Conv and of Gemm(transB=1) weights
     # runs in ONNX Runtime's CPU provider and agrees with FP32 on most images
     labels = torch.as_tensor(torch_argmax(model, images))
@@ -788,10 +794,11 @@ def test_int8_accuracy_gate_fails_with_one_line(exported, images, tmp_path):
 
 
 def test_export_stage_int8_publishes_gated_artifact(checkpoint, tmp_path):
-    from gslim.commands.export import export_stage
+    from gslim.export.stage import export_stage
 
-    summary = export_stage(checkpoint, synthetic_recipe(int8=True, int8_max_top1_drop=100.0), tmp_path / "run",
-                           progress=False)
+    summary = export_stage(
+        checkpoint, synthetic_recipe(int8=True, int8_max_top1_drop=100.0), tmp_path / "run", progress=False
+    )
     assert Path(summary["onnx_int8"]).name == "model.int8.onnx" and Path(summary["onnx_int8"]).is_file()
     report = json.loads((tmp_path / "run" / "parity.json").read_text())
     r = report["onnx_int8"]
@@ -800,7 +807,7 @@ def test_export_stage_int8_publishes_gated_artifact(checkpoint, tmp_path):
 
 
 def test_export_stage_int8_failing_gate_keeps_nothing(checkpoint, tmp_path, monkeypatch):
-    import gslim.commands.export as E
+    import gslim.export.stage as E
 
     real = E._calibration
     # a real quantization with ruined ranges (as from unrepresentative calibration images)
@@ -815,13 +822,30 @@ def test_export_stage_int8_failing_gate_keeps_nothing(checkpoint, tmp_path, monk
 
 
 def test_cli_export_int8(checkpoint, tmp_path, capsys):
-    code, out, err = _cli(["export", str(checkpoint), "--out-dir", str(tmp_path / "o"), "--int8",
-                           "--int8-calibration", "percentile", "--int8-max-drop", "100", "--set",
-                           "data.kind=synthetic", "--set", "data.calib_images=16"], capsys)
+    code, out, err = _cli(
+        [
+            "export",
+            str(checkpoint),
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--int8",
+            "--int8-calibration",
+            "percentile",
+            "--int8-max-drop",
+            "100",
+            "--set",
+            "data.kind=synthetic",
+            "--set",
+            "data.calib_images=16",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert (tmp_path / "o" / "model.int8.onnx").is_file() and "model.int8.onnx" in out
     report = json.loads((tmp_path / "o" / "parity.json").read_text())
     assert report["onnx_int8"]["quantization"]["method"] == "percentile"
-    code, _, err = _cli(["export", str(checkpoint), "--out-dir", str(tmp_path / "p"), "--int8",
-                         "--int8-calibration", "kl"], capsys)
+    code, _, err = _cli(
+        ["export", str(checkpoint), "--out-dir", str(tmp_path / "p"), "--int8", "--int8-calibration", "kl"],
+        capsys,
+    )
     assert code == 2 and "--int8-calibration" in err and len(err.strip().splitlines()) == 1

@@ -17,8 +17,15 @@ SIZE, CLASSES = 32, 4
 
 
 def _data(**kw) -> DataConfig:
-    return DataConfig(kind="synthetic", synthetic_train=kw.pop("train", 160), synthetic_val=48, batch_size=16,
-                      workers=0, calib_images=kw.pop("calib", 32), **kw)
+    return DataConfig(
+        kind="synthetic",
+        synthetic_train=kw.pop("train", 160),
+        synthetic_val=48,
+        batch_size=16,
+        workers=0,
+        calib_images=kw.pop("calib", 32),
+        **kw,
+    )
 
 
 def test_holdout_is_disjoint_from_calibration_and_validation():
@@ -64,8 +71,16 @@ def test_a_finetune_that_only_hurts_returns_the_starting_weights(tmp_path):
     model = _model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = FinetuneConfig(epochs=2, lr=1e4, device="cpu", distill=None, holdout_evals_per_epoch=2)
-    r = fit(model, ModelSpec("mobilenet_v3_small", CLASSES, SIZE), cfg, _data(), tmp_path, progress=False,
-            quiet=True, output_name="finetuned.pt")
+    r = fit(
+        model,
+        ModelSpec("mobilenet_v3_small", CLASSES, SIZE),
+        cfg,
+        _data(),
+        tmp_path,
+        progress=False,
+        quiet=True,
+        output_name="finetuned.pt",
+    )
     sel = r.metrics["selection"]
     assert sel["kept_start"] and sel["kept"]["step"] == 0
     assert all(torch.equal(model.state_dict()[k], start[k]) for k in start)
@@ -92,7 +107,16 @@ def test_resume_keeps_the_best_so_far(tmp_path):
 
     part = _model()
     with pytest.raises(Stop):
-        fit(part, spec, cfg, _data(), tmp_path / "b", progress=False, quiet=True, on_epoch_end=stop_after_first)
+        fit(
+            part,
+            spec,
+            cfg,
+            _data(),
+            tmp_path / "b",
+            progress=False,
+            quiet=True,
+            on_epoch_end=stop_after_first,
+        )
     part = _model()
     r = fit(part, spec, cfg, _data(), tmp_path / "b", progress=False, quiet=True, resume=True)
     log_b = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]

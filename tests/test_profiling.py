@@ -36,8 +36,9 @@ def _export_onnx(model: torch.nn.Module, path: Path, size: int = 32, dynamic: bo
     kwargs = dict(dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}) if dynamic else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), x, str(path), input_names=["input"], output_names=["logits"],
-                          dynamo=False, **kwargs)
+        torch.onnx.export(
+            model.eval(), x, str(path), input_names=["input"], output_names=["logits"], dynamo=False, **kwargs
+        )
     return path
 
 
@@ -59,8 +60,13 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 def _recipe(**profile):
     from gslim.recipe import load_recipe
 
-    over = {"data.kind": "synthetic", "data.synthetic_val": 32, "data.batch_size": 16, "seed": 0,
-            "profile.eval_images": 16}
+    over = {
+        "data.kind": "synthetic",
+        "data.synthetic_val": 32,
+        "data.batch_size": 16,
+        "seed": 0,
+        "profile.eval_images": 16,
+    }
     over.update({f"profile.{k}": v for k, v in {**TINY, **profile}.items()})
     return load_recipe(None, over)
 
@@ -142,8 +148,11 @@ class FakeRunner:
 
 
 def test_round_order_alternates():
-    assert [round_order(["a", "b", "c"], r) for r in range(3)] == [["a", "b", "c"], ["c", "b", "a"],
-                                                                   ["a", "b", "c"]]
+    assert [round_order(["a", "b", "c"], r) for r in range(3)] == [
+        ["a", "b", "c"],
+        ["c", "b", "a"],
+        ["a", "b", "c"],
+    ]
 
 
 def test_warm_up_is_time_based():
@@ -159,8 +168,9 @@ def test_interleaving_order_and_counts_with_fake_clock():
     runners = {"base": FakeRunner("B", 0.010, clock, log), "slim": FakeRunner("S", 0.005, clock, log)}
     settings = MeasureSettings(warmup_s=0.02, min_iters=6, min_seconds=0.0, rounds=3, settle_iters=1)
     rounds_seen = []
-    out = measure_interleaved(runners, settings, clock=clock,
-                              on_round=lambda d, t: rounds_seen.append((d, t)))
+    out = measure_interleaved(
+        runners, settings, clock=clock, on_round=lambda d, t: rounds_seen.append((d, t))
+    )
     # warm-up: base 2 runs (0.02 s), slim 4 runs; then rounds of settle + 2 timed runs, order alternating
     expected = ["B"] * 2 + ["S"] * 4
     expected += ["B"] * 3 + ["S"] * 3  # round 0: base first
@@ -178,8 +188,10 @@ def test_interleaving_order_and_counts_with_fake_clock():
 
 def test_min_seconds_and_min_iters_both_hold():
     clock, log = FakeClock(), []
-    runners = {"a": FakeRunner("a", 0.01, clock, log, e2e_extra=0.002),
-               "b": FakeRunner("b", 0.04, clock, log, e2e_extra=0.002)}
+    runners = {
+        "a": FakeRunner("a", 0.01, clock, log, e2e_extra=0.002),
+        "b": FakeRunner("b", 0.04, clock, log, e2e_extra=0.002),
+    }
     settings = MeasureSettings(warmup_s=0.0, min_iters=4, min_seconds=0.3, rounds=3, settle_iters=0)
     out = measure_interleaved(runners, settings, clock=clock)
     # 0.1 s per round per model: a needs 10 runs a round, b needs 3 (>= ceil(4/3) = 2)
@@ -200,7 +212,7 @@ def test_top1_accuracy_counts_and_limit():
 
 
 def test_missing_backends_report_reasons():
-    from gslim.profiling.backends import BACKENDS, availability
+    from gslim.runtime import BACKENDS, availability
 
     avail = availability()
     assert set(avail) == {"torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "trt"}
@@ -224,7 +236,7 @@ def test_missing_backends_report_reasons():
 
 
 def test_unavailable_backend_refuses_to_activate(artifacts):
-    from gslim.profiling.backends import BACKENDS, BackendUnavailable
+    from gslim.runtime import BACKENDS, BackendUnavailable
 
     for name in ("torch-cuda", "trt"):
         cls = BACKENDS[name]
@@ -237,7 +249,7 @@ def test_unavailable_backend_refuses_to_activate(artifacts):
 
 
 def test_torch_and_ort_cpu_agree_and_restore_threads(artifacts):
-    from gslim.profiling.backends import BackendOptions, OrtCPU, TorchCPU
+    from gslim.runtime import BackendOptions, OrtCPU, TorchCPU
 
     before = torch.get_num_threads()
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
@@ -263,10 +275,11 @@ def test_torch_and_ort_cpu_agree_and_restore_threads(artifacts):
 
 
 def test_fixed_batch_onnx_pads_for_accuracy_and_skips_other_batches(tmp_path):
-    from gslim.profiling.backends import BatchUnsupported, OrtCPU
+    from gslim.runtime import BatchUnsupported, OrtCPU
 
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(4, 5))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5)
+    )
     path = _export_onnx(net, tmp_path / "fixed.onnx", size=16, dynamic=False)
     x = np.random.default_rng(1).standard_normal((3, 3, 16, 16), dtype=np.float32)
     with OrtCPU(path) as b:
@@ -280,7 +293,7 @@ def test_fixed_batch_onnx_pads_for_accuracy_and_skips_other_batches(tmp_path):
 
 
 def test_deactivate_runs_when_activate_fails(tmp_path):
-    from gslim.profiling.backends import Backend
+    from gslim.runtime import Backend
 
     calls = []
 
@@ -331,30 +344,77 @@ def test_group_artifacts_by_stem_and_base(tmp_path, artifacts):
 def _fake_report(tmp_path: Path) -> dict:
     def res(label, role, med, sp=None, backend="ort-cpu", batch=1):
         lat = summarize([med / 1e3 * f for f in (0.98, 1.0, 1.0, 1.02, 1.05)], batch)
-        return {"backend": backend, "batch": batch, "label": label, "role": role, "status": "ok",
-                "reason": None,
-                "precision": "fp32", "device": {"kind": "cpu", "cpu": "Test CPU", "threads": 1},
-                "runtime": {"name": "onnxruntime", "version": "1"}, "notes": [], "latency_ms": lat,
-                "e2e_ms": None, "throughput": lat["throughput"], "noisy": lat["noisy"], "speedup": sp,
-                "speedup_round_min": sp and sp - 0.1, "speedup_round_max": sp and sp + 0.1,
-                "speedup_rounds": 3 if sp else 0}
+        return {
+            "backend": backend,
+            "batch": batch,
+            "label": label,
+            "role": role,
+            "status": "ok",
+            "reason": None,
+            "precision": "fp32",
+            "device": {"kind": "cpu", "cpu": "Test CPU", "threads": 1},
+            "runtime": {"name": "onnxruntime", "version": "1"},
+            "notes": [],
+            "latency_ms": lat,
+            "e2e_ms": None,
+            "throughput": lat["throughput"],
+            "noisy": lat["noisy"],
+            "speedup": sp,
+            "speedup_round_min": sp and sp - 0.1,
+            "speedup_round_max": sp and sp + 0.1,
+            "speedup_rounds": 3 if sp else 0,
+        }
 
-    results = [res("base", "base", 10.0), res("greedy 70%", "compressed", 7.0, 10 / 7),
-               res("greedy 50%", "compressed", 5.0, 2.0), res("greedy 30%", "compressed", 3.2, 10 / 3.2),
-               {"backend": "trt", "batch": 1, "label": "base", "role": "base", "status": "skipped",
-                "reason": "tensorrt is not installed"}]
-    accuracy = [{"backend": "ort-cpu", "label": lb, "top1": t, "images": 100, "reason": None}
-                for lb, t in (("base", 0.91), ("greedy 70%", 0.905), ("greedy 50%", 0.89),
-                              ("greedy 30%", 0.85))]
-    return {"created": "now", "gslim": "0", "environment": {"cpu": "Test CPU", "cpu_count": 2},
-            "settings": {"threads": 1, "batch_sizes": [1], "warmup_s": 1, "min_iters": 50, "min_seconds": 2,
-                         "rounds": 5, "cv_warn": 0.1},
-            "eval_images": 100, "data": "synthetic",
-            "artifacts": [{"label": "base", "role": "base", "arch": "mobilenet_v2", "macs": 300e6,
-                           "params": 3.5e6,
-                           "files": {"onnx": "base.onnx"}, "file_sizes": {"onnx": 14_000_000}, "extra": {}}],
-            "results": results, "accuracy": accuracy, "warnings": [],
-            "paths": {"report_md": str(tmp_path / "report.md"), "plot": str(tmp_path / "tradeoff.png")}}
+    results = [
+        res("base", "base", 10.0),
+        res("greedy 70%", "compressed", 7.0, 10 / 7),
+        res("greedy 50%", "compressed", 5.0, 2.0),
+        res("greedy 30%", "compressed", 3.2, 10 / 3.2),
+        {
+            "backend": "trt",
+            "batch": 1,
+            "label": "base",
+            "role": "base",
+            "status": "skipped",
+            "reason": "tensorrt is not installed",
+        },
+    ]
+    accuracy = [
+        {"backend": "ort-cpu", "label": lb, "top1": t, "images": 100, "reason": None}
+        for lb, t in (("base", 0.91), ("greedy 70%", 0.905), ("greedy 50%", 0.89), ("greedy 30%", 0.85))
+    ]
+    return {
+        "created": "now",
+        "gslim": "0",
+        "environment": {"cpu": "Test CPU", "cpu_count": 2},
+        "settings": {
+            "threads": 1,
+            "batch_sizes": [1],
+            "warmup_s": 1,
+            "min_iters": 50,
+            "min_seconds": 2,
+            "rounds": 5,
+            "cv_warn": 0.1,
+        },
+        "eval_images": 100,
+        "data": "synthetic",
+        "artifacts": [
+            {
+                "label": "base",
+                "role": "base",
+                "arch": "mobilenet_v2",
+                "macs": 300e6,
+                "params": 3.5e6,
+                "files": {"onnx": "base.onnx"},
+                "file_sizes": {"onnx": 14_000_000},
+                "extra": {},
+            }
+        ],
+        "results": results,
+        "accuracy": accuracy,
+        "warnings": [],
+        "paths": {"report_md": str(tmp_path / "report.md"), "plot": str(tmp_path / "tradeoff.png")},
+    }
 
 
 def test_render_markdown_and_plot_from_report_dict(tmp_path):
@@ -374,10 +434,12 @@ def test_render_markdown_and_plot_from_report_dict(tmp_path):
 
 
 def test_profile_stage_writes_reports_and_skips_missing(tmp_path, artifacts):
-    from gslim.commands.profile import profile_stage
+    from gslim.profiling.stage import profile_stage
 
-    sets = [ArtifactSet("base", "base", artifacts["base.pt"], onnx=artifacts["base.onnx"]),
-            ArtifactSet("greedy 50%", "compressed", artifacts["slim.pt"], extra={"budget": 0.5})]
+    sets = [
+        ArtifactSet("base", "base", artifacts["base.pt"], onnx=artifacts["base.onnx"]),
+        ArtifactSet("greedy 50%", "compressed", artifacts["slim.pt"], extra={"budget": 0.5}),
+    ]
     recipe = _recipe(backends=["torch-cpu", "ort-cpu", "torch-cuda", "ort-cuda", "trt"], batch_sizes=[1, 2])
     out = tmp_path / "prof"
     summary = profile_stage(sets, recipe, out, progress=False)
@@ -389,8 +451,9 @@ def test_profile_stage_writes_reports_and_skips_missing(tmp_path, artifacts):
     ok = [r for r in report["results"] if r["status"] == "ok"]
     # torch-cpu: both models at both batches; ort-cpu: only base has an .onnx
     assert sorted((r["backend"], r["label"], r["batch"]) for r in ok) == sorted(
-        [("torch-cpu", lb, b) for lb in ("base", "greedy 50%") for b in (1, 2)] + [("ort-cpu", "base", 1),
-                                                                                   ("ort-cpu", "base", 2)])
+        [("torch-cpu", lb, b) for lb in ("base", "greedy 50%") for b in (1, 2)]
+        + [("ort-cpu", "base", 1), ("ort-cpu", "base", 2)]
+    )
     for r in ok:
         assert r["latency_ms"]["iters"] >= 4 and r["latency_ms"]["median_ms"] > 0
         assert r["device"]["kind"] == "cpu" and r["precision"] == "fp32" and r["runtime"]["version"]
@@ -398,8 +461,13 @@ def test_profile_stage_writes_reports_and_skips_missing(tmp_path, artifacts):
         assert "samples_ms" not in r  # raw samples live in latency.json
         if r["role"] == "compressed":
             assert r["speedup"] == pytest.approx(
-                next(b for b in ok if b["role"] == "base" and b["backend"] == r["backend"]
-                     and b["batch"] == r["batch"])["latency_ms"]["median_ms"] / r["latency_ms"]["median_ms"])
+                next(
+                    b
+                    for b in ok
+                    if b["role"] == "base" and b["backend"] == r["backend"] and b["batch"] == r["batch"]
+                )["latency_ms"]["median_ms"]
+                / r["latency_ms"]["median_ms"]
+            )
     raw = [r for r in latency["results"] if r["status"] == "ok"]
     assert all(len(r["samples_ms"]) == r["latency_ms"]["iters"] == len(r["round_index"]) for r in raw)
     assert set(raw[0]["round_index"]) == {0, 1}
@@ -407,7 +475,7 @@ def test_profile_stage_writes_reports_and_skips_missing(tmp_path, artifacts):
     reasons = {(r["backend"], r["label"]): r["reason"] for r in report["results"] if r["status"] != "ok"}
     assert "no .onnx file" in reasons[("ort-cpu", "greedy 50%")]
     for name in ("torch-cuda", "ort-cuda", "trt"):
-        if not __import__("gslim.profiling.backends", fromlist=["x"]).BACKENDS[name].available()[0]:
+        if not __import__("gslim.runtime", fromlist=["x"]).BACKENDS[name].available()[0]:
             assert reasons[(name, "base")] and reasons[(name, "greedy 50%")]
     top1 = {(a["backend"], a["label"]): a["top1"] for a in report["accuracy"]}
     assert 0.0 <= top1[("torch-cpu", "base")] <= 1.0
@@ -426,7 +494,7 @@ def test_profile_stage_writes_reports_and_skips_missing(tmp_path, artifacts):
 
 
 def test_broken_artifact_is_recorded_as_failed_not_fatal(tmp_path, artifacts, capsys):
-    from gslim.commands.profile import profile_stage
+    from gslim.profiling.stage import profile_stage
 
     broken = tmp_path / "base.onnx"
     broken.write_bytes(b"not an onnx file")
@@ -443,11 +511,38 @@ def test_cli_end_to_end_and_refuses_overwrite(tmp_path, artifacts, capsys):
     from gslim.cli import main
 
     out = tmp_path / "cli"
-    argv = ["profile", str(artifacts["base.pt"]), str(artifacts["base.onnx"]), str(artifacts["slim.pt"]),
-            str(artifacts["slim.onnx"]), "--set", "data.kind=synthetic", "--set", "data.synthetic_val=16",
-            "--backend", "torch-cpu", "--backend", "ort-cpu", "--batch", "1", "--threads", "1",
-            "--warmup-s", "0.01", "--min-iters", "2", "--min-seconds", "0", "--rounds", "2",
-            "--eval-images", "8", "--out-dir", str(out), "--quiet"]
+    argv = [
+        "profile",
+        str(artifacts["base.pt"]),
+        str(artifacts["base.onnx"]),
+        str(artifacts["slim.pt"]),
+        str(artifacts["slim.onnx"]),
+        "--set",
+        "data.kind=synthetic",
+        "--set",
+        "data.synthetic_val=16",
+        "--backend",
+        "torch-cpu",
+        "--backend",
+        "ort-cpu",
+        "--batch",
+        "1",
+        "--threads",
+        "1",
+        "--warmup-s",
+        "0.01",
+        "--min-iters",
+        "2",
+        "--min-seconds",
+        "0",
+        "--rounds",
+        "2",
+        "--eval-images",
+        "8",
+        "--out-dir",
+        str(out),
+        "--quiet",
+    ]
     with pytest.raises(SystemExit) as e:
         main(argv)
     captured = capsys.readouterr()
@@ -476,6 +571,20 @@ def test_cli_help_documents_every_option():
 
     res = CliRunner().invoke(app, ["profile", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
-    for opt in ("--recipe", "--set", "--backend", "--batch", "--threads", "--warmup-s", "--min-iters",
-                "--min-seconds", "--rounds", "--fp16", "--eval-images", "--out-dir", "--force", "--base"):
+    for opt in (
+        "--recipe",
+        "--set",
+        "--backend",
+        "--batch",
+        "--threads",
+        "--warmup-s",
+        "--min-iters",
+        "--min-seconds",
+        "--rounds",
+        "--fp16",
+        "--eval-images",
+        "--out-dir",
+        "--force",
+        "--base",
+    ):
         assert opt in res.output

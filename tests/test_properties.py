@@ -56,9 +56,35 @@ SCALARS = st.one_of(
     # and hypothesis refuses to draw subnormals once another test in this process has run it
     st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False),
     st.text(max_size=6),
-    st.sampled_from(["50%", "150%", "0%", "-5%", "1e9", "2e3", "abc", "auto", "cpu", "cuda", "greedy", "l1",
-                     "sgd", "adamw", "synthetic", "imagefolder", "fashion-mnist", "fp16", "int8",
-                     "torch-cpu", "ort-cpu", "resnet18", "mobilenet_v3_small", "DEFAULT", "IMAGENET1K_V1"]),
+    st.sampled_from(
+        [
+            "50%",
+            "150%",
+            "0%",
+            "-5%",
+            "1e9",
+            "2e3",
+            "abc",
+            "auto",
+            "cpu",
+            "cuda",
+            "greedy",
+            "l1",
+            "sgd",
+            "adamw",
+            "synthetic",
+            "imagefolder",
+            "fashion-mnist",
+            "fp16",
+            "int8",
+            "torch-cpu",
+            "ort-cpu",
+            "resnet18",
+            "mobilenet_v3_small",
+            "DEFAULT",
+            "IMAGENET1K_V1",
+        ]
+    ),
 )
 VALUES = st.recursive(
     SCALARS,
@@ -94,12 +120,13 @@ def _key_text(key) -> str:
 def _check_error_names_a_key(message: str, data: dict, source: str) -> None:
     assert "\n" not in message, message
     assert message.startswith(f"{source}: "), message
-    rest = message[len(source) + 2:]
+    rest = message[len(source) + 2 :]
     if rest.startswith("a recipe must be a YAML mapping"):
         return
     named = [_key_text(k) for k in data]
-    assert rest.startswith("(top level): ") or any(rest.startswith(f"{k}: ") or rest.startswith(f"{k}.")
-                                                   for k in named), f"{message!r} names none of {named}"
+    assert rest.startswith("(top level): ") or any(
+        rest.startswith(f"{k}: ") or rest.startswith(f"{k}.") for k in named
+    ), f"{message!r} names none of {named}"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -168,17 +195,27 @@ def _base(arch: str) -> nn.Module:
 
 def _keep(width: int, how: str, frac: float, g: torch.Generator) -> list[int]:
     perm = torch.randperm(width, generator=g).tolist()
-    k = {"one": 1, "all": width, "all-but-one": max(1, width - 1),
-         "fraction": max(1, min(width, round(frac * width)))}[how]
+    k = {
+        "one": 1,
+        "all": width,
+        "all-but-one": max(1, width - 1),
+        "fraction": max(1, min(width, round(frac * width))),
+    }[how]
     return sorted(perm[:k])
 
 
 @pytest.mark.parametrize("arch", SIX)
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**31 - 1), frac=st.floats(0.0, 1.0, allow_subnormal=False),
-       modes=st.lists(st.sampled_from(["one", "all", "all-but-one", "fraction"]), min_size=1, max_size=4),
-       share=st.floats(0.2, 1.0, allow_subnormal=False))
+@settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    frac=st.floats(0.0, 1.0, allow_subnormal=False),
+    modes=st.lists(st.sampled_from(["one", "all", "all-but-one", "fraction"]), min_size=1, max_size=4),
+    share=st.floats(0.2, 1.0, allow_subnormal=False),
+)
 def test_slimmed_model_equals_the_masked_original(arch, seed, frac, modes, share):
     model = copy.deepcopy(_base(arch))
     g = torch.Generator().manual_seed(seed)

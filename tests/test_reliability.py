@@ -108,8 +108,16 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     save_checkpoint(build_model(ARCH, 7), ModelSpec(ARCH, 7, 32), d / "other_classes.pt")
     torch.save(good, d / "module.pt")  # a pickled nn.Module
     torch.save({"state_dict": good.state_dict(), "extra": _Custom()}, d / "custom.pt")
-    for name in ("truncated", "random", "text", "other_arch", "bare_other_arch", "other_classes", "module",
-                 "custom"):
+    for name in (
+        "truncated",
+        "random",
+        "text",
+        "other_arch",
+        "bare_other_arch",
+        "other_classes",
+        "module",
+        "custom",
+    ):
         out[name] = d / f"{name}.pt"
     out["missing"] = d / "missing.pt"
     return out
@@ -139,16 +147,28 @@ CHECKPOINT_CASES = {
     "other_arch": ["holds a shufflenet_v2_x0_5 but the recipe asks for mobilenet_v3_small"],
     "bare_other_arch": ["does not fit the model", "another architecture"],
     "other_classes": ["has 7 classes but the recipe asks for 4", "model.num_classes"],
-    "module": ["refusing to load", "needs to unpickle code (torchvision.models.mobilenetv3.MobileNetV3)",
-               "weights_only=True"],
+    "module": [
+        "refusing to load",
+        "needs to unpickle code (torchvision.models.mobilenetv3.MobileNetV3)",
+        "weights_only=True",
+    ],
     "custom": ["refusing to load", "_Custom)", "weights_only=True"],
 }
 
 CHECKPOINT_COMMANDS: dict[str, Callable[[Path, Path, Path], list[Any]]] = {
     "evaluate": lambda ck, rec, out: ["evaluate", ck, rec, "--json", out / "eval.json", "--no-progress"],
     "export": lambda ck, rec, out: ["export", ck, "--recipe", rec, "--out-dir", out, "--quiet"],
-    "compress": lambda ck, rec, out: ["compress", rec, "--model", ck, "--run-dir", out, "--no-progress",
-                                      "--target-macs", "60%"],
+    "compress": lambda ck, rec, out: [
+        "compress",
+        rec,
+        "--model",
+        ck,
+        "--run-dir",
+        out,
+        "--no-progress",
+        "--target-macs",
+        "60%",
+    ],
 }
 
 
@@ -187,22 +207,51 @@ RECIPE_CASES: dict[str, tuple[Any, list[str], list[str]]] = {
     "wrong type": ({"train.epochs": "three"}, ["train"], ["train.epochs: Input should be a valid integer"]),
     "section not a mapping": ("model: 5\n", ["train"], ["model: Input should be a valid dictionary"]),
     "eps zero": ({"compress.eps": 0}, ["compress"], ["compress.eps: Input should be greater than 0"]),
-    "eps negative on the CLI": (None, ["compress", "--eps", "-0.5"], ["compress.eps: Input should be greater than 0"]),
-    "target above 100%": ({"compress.target_macs": "150%"}, ["compress"],
-                          ["compress.target_macs: a fraction must be at most 100%"]),
-    "target not a number": (None, ["compress", "--target-macs", "half"],
-                            ["compress.target_macs: expected a percentage like '50%' or a count, got 'half'"]),
-    "two budgets": ({"compress.eps": 0.1, "compress.target_macs": "50%"}, ["compress"],
-                    ["compress: give one of eps, target_macs, target_params (got eps, target_macs)"]),
-    "negative epochs": (None, ["train", "--epochs", "-1"], ["train.epochs: Input should be greater than or equal to 0"]),
-    "batch size 0": (None, ["train", "--batch-size", "0"], ["data.batch_size: Input should be greater than or equal to 1"]),
+    "eps negative on the CLI": (
+        None,
+        ["compress", "--eps", "-0.5"],
+        ["compress.eps: Input should be greater than 0"],
+    ),
+    "target above 100%": (
+        {"compress.target_macs": "150%"},
+        ["compress"],
+        ["compress.target_macs: a fraction must be at most 100%"],
+    ),
+    "target not a number": (
+        None,
+        ["compress", "--target-macs", "half"],
+        ["compress.target_macs: expected a percentage like '50%' or a count, got 'half'"],
+    ),
+    "two budgets": (
+        {"compress.eps": 0.1, "compress.target_macs": "50%"},
+        ["compress"],
+        ["compress: give one of eps, target_macs, target_params, target_latency (got eps, target_macs)"],
+    ),
+    "negative epochs": (
+        None,
+        ["train", "--epochs", "-1"],
+        ["train.epochs: Input should be greater than or equal to 0"],
+    ),
+    "batch size 0": (
+        None,
+        ["train", "--batch-size", "0"],
+        ["data.batch_size: Input should be greater than or equal to 1"],
+    ),
     "unknown architecture": ({"model.arch": "resnet1000"}, ["train"], ["unknown architecture 'resnet1000'"]),
     "not YAML": ("model: {arch: [resnet18\ntrain: 3\n", ["train"], ["is not valid YAML at line 2"]),
     "binary file": (bytes(range(256)) * 4, ["train"], ["is not a text file"]),
-    "a YAML list": ("- model\n- train\n", ["train"], ["a recipe must be a YAML mapping of sections, got list"]),
+    "a YAML list": (
+        "- model\n- train\n",
+        ["train"],
+        ["a recipe must be a YAML mapping of sections, got list"],
+    ),
     "a YAML string": ("just words\n", ["train"], ["a recipe must be a YAML mapping of sections, got str"]),
     "--set without =": (None, ["train", "--set", "train.epochs"], ["--set expects KEY=VALUE"]),
-    "--set through a value": (None, ["train", "--set", "seed.x=1"], ["cannot set seed.x: seed is not a section"]),
+    "--set through a value": (
+        None,
+        ["train", "--set", "seed.x=1"],
+        ["cannot set seed.x: seed is not a section"],
+    ),
 }
 
 
@@ -227,8 +276,23 @@ def test_missing_recipe(run_cli, tmp_path):
 def test_unreachable_macs_target(ckpts, recipe, run_cli, tmp_path):
     """1% of the MACs cannot be met when no unit may go below 64 channels: say so, write nothing."""
     run = tmp_path / "run"
-    r = run_cli(["compress", recipe, "--model", ckpts["good"], "--target-macs", "1%", "--min-width", "64",
-                 "--criterion", "l1", "--run-dir", run, "--no-progress"])
+    r = run_cli(
+        [
+            "compress",
+            recipe,
+            "--model",
+            ckpts["good"],
+            "--target-macs",
+            "1%",
+            "--min-width",
+            "64",
+            "--criterion",
+            "l1",
+            "--run-dir",
+            run,
+            "--no-progress",
+        ]
+    )
     one_line_error(r, 2, "target macs", "(1.0% of the model) is unreachable", "lower compress.min_width")
     assert files_under(run) == []
 
@@ -269,7 +333,9 @@ def _image_folder(root: Path, case: str) -> Path:
             d = root / split / cls
             d.mkdir(parents=True)
             for i in range(3):
-                Image.new("RGB", (40, 40), (g.randrange(256), g.randrange(256), g.randrange(256))).save(d / f"{i}.png")
+                Image.new("RGB", (40, 40), (g.randrange(256), g.randrange(256), g.randrange(256))).save(
+                    d / f"{i}.png"
+                )
     if case == "empty class folder":
         (root / "val" / "empty").mkdir()
     elif case == "unreadable image":
@@ -281,33 +347,48 @@ def _image_folder(root: Path, case: str) -> Path:
 DATA_CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "imagefolder: missing directory": (
         lambda t: ["data.kind=imagefolder", f"data.root={t / 'nowhere'}"],
-        ["ImageFolder split directory not found", "nowhere/val"]),
+        ["ImageFolder split directory not found", "nowhere/val"],
+    ),
     "imagefolder: empty class folder": (
         lambda t: ["data.kind=imagefolder", f"data.root={_image_folder(t / 'if', 'empty class folder')}"],
-        ["Found no valid file for the classes empty"]),
+        ["Found no valid file for the classes empty"],
+    ),
     "imagefolder: unreadable image": (
-        lambda t: ["data.kind=imagefolder", f"data.root={_image_folder(t / 'if', 'unreadable image')}",
-                   "data.workers=0"],
-        ["unreadable image", "bad.jpg: not a valid image file (remove or replace it)"]),
+        lambda t: [
+            "data.kind=imagefolder",
+            f"data.root={_image_folder(t / 'if', 'unreadable image')}",
+            "data.workers=0",
+        ],
+        ["unreadable image", "bad.jpg: not a valid image file (remove or replace it)"],
+    ),
     "imagefolder: unreadable image, loader workers": (  # re-raised from a worker process
-        lambda t: ["data.kind=imagefolder", f"data.root={_image_folder(t / 'if', 'unreadable image')}",
-                   "data.workers=2"],
-        ["unreadable image", "bad.jpg: not a valid image file (remove or replace it)"]),
+        lambda t: [
+            "data.kind=imagefolder",
+            f"data.root={_image_folder(t / 'if', 'unreadable image')}",
+            "data.workers=2",
+        ],
+        ["unreadable image", "bad.jpg: not a valid image file (remove or replace it)"],
+    ),
     "fashion-mnist: missing directory": (
         lambda t: ["data.kind=fashion-mnist", f"data.root={t / 'nowhere'}"],
-        ["Fashion-MNIST directory not found", "sudo apt-get install dataset-fashion-mnist"]),
+        ["Fashion-MNIST directory not found", "sudo apt-get install dataset-fashion-mnist"],
+    ),
     "fashion-mnist: truncated idx file": (
         lambda t: ["data.kind=fashion-mnist", f"data.root={_fashion_dir(t / 'fm', 'truncated images')}"],
-        ["t10k-images-idx3-ubyte has 78400 data bytes, expected 7840000 (truncated or wrong size)"]),
+        ["t10k-images-idx3-ubyte has 78400 data bytes, expected 7840000 (truncated or wrong size)"],
+    ),
     "fashion-mnist: idx file of the wrong size": (
         lambda t: ["data.kind=fashion-mnist", f"data.root={_fashion_dir(t / 'fm', 'wrong size')}"],
-        ["t10k-images-idx3-ubyte holds 100 items, expected 10000"]),
+        ["t10k-images-idx3-ubyte holds 100 items, expected 10000"],
+    ),
     "fashion-mnist: labels missing": (
         lambda t: ["data.kind=fashion-mnist", f"data.root={_fashion_dir(t / 'fm', 'labels missing')}"],
-        ["Fashion-MNIST file t10k-labels-idx1-ubyte(.gz) not found", "apt-get install"]),
+        ["Fashion-MNIST file t10k-labels-idx1-ubyte(.gz) not found", "apt-get install"],
+    ),
     "fashion-mnist: gzip cut short": (
         lambda t: ["data.kind=fashion-mnist", f"data.root={_fashion_dir(t / 'fm', 'gzip cut short')}"],
-        ["cannot read", "t10k-labels-idx1-ubyte.gz", "Compressed file ended before the end-of-stream marker"]),
+        ["cannot read", "t10k-labels-idx1-ubyte.gz", "Compressed file ended before the end-of-stream marker"],
+    ),
 }
 
 
@@ -326,16 +407,39 @@ def test_bad_validation_data(case, ckpts, recipe, run_cli, tmp_path):
 def test_a_readable_image_folder_evaluates(ckpts, recipe, run_cli, tmp_path):
     """The control for the cases above: the same folder without the bad file scores fine."""
     root = _image_folder(tmp_path / "if", "ok")
-    r = run_cli(["evaluate", ckpts["good"], recipe, "--set", "data.kind=imagefolder", "--set", f"data.root={root}",
-                 "--no-progress"])
+    r = run_cli(
+        [
+            "evaluate",
+            ckpts["good"],
+            recipe,
+            "--set",
+            "data.kind=imagefolder",
+            "--set",
+            f"data.root={root}",
+            "--no-progress",
+        ]
+    )
     assert r.code == 0, r.stderr
     assert "6 images" in r.stdout
 
 
 def test_calibration_count_larger_than_the_dataset(ckpts, recipe, run_cli, tmp_path):
     run = tmp_path / "run"
-    r = run_cli(["compress", recipe, "--model", ckpts["good"], "--calib-images", "1000", "--target-macs", "60%",
-                 "--run-dir", run, "--no-progress"])
+    r = run_cli(
+        [
+            "compress",
+            recipe,
+            "--model",
+            ckpts["good"],
+            "--calib-images",
+            "1000",
+            "--target-macs",
+            "60%",
+            "--run-dir",
+            run,
+            "--no-progress",
+        ]
+    )
     one_line_error(r, 2, "data.calib_images=1000 is larger than the training set (64 images)")
     assert files_under(run) == []
 
@@ -346,10 +450,30 @@ def test_calibration_count_larger_than_the_dataset(ckpts, recipe, run_cli, tmp_p
 OUTPUT_COMMANDS: dict[str, Callable[[Path, Path, Path], list[Any]]] = {
     "train": lambda ck, rec, out: ["train", rec, "--run-dir", out / "run", "--epochs", "0", "--no-progress"],
     "evaluate": lambda ck, rec, out: ["evaluate", ck, rec, "--json", out / "eval.json", "--no-progress"],
-    "export": lambda ck, rec, out: ["export", ck, "--recipe", rec, "--out-dir", out / "onnx", "--opset", "17",
-                                    "--quiet"],
-    "compress": lambda ck, rec, out: ["compress", rec, "--model", ck, "--run-dir", out, "--criterion", "l1",
-                                      "--target-macs", "60%", "--no-progress"],
+    "export": lambda ck, rec, out: [
+        "export",
+        ck,
+        "--recipe",
+        rec,
+        "--out-dir",
+        out / "onnx",
+        "--opset",
+        "17",
+        "--quiet",
+    ],
+    "compress": lambda ck, rec, out: [
+        "compress",
+        rec,
+        "--model",
+        ck,
+        "--run-dir",
+        out,
+        "--criterion",
+        "l1",
+        "--target-macs",
+        "60%",
+        "--no-progress",
+    ],
 }
 
 
@@ -395,15 +519,36 @@ def test_read_only_output_directory(command, ckpts, recipe, run_cli, tmp_path, m
 
 # command -> (argv given checkpoint/recipe/dir, the finished file that must survive, words of the refusal)
 FINISHED: dict[str, tuple[Callable[[Path, Path, Path], list[Any]], str, str]] = {
-    "train": (lambda ck, rec, d: ["train", rec, "--run-dir", d, "--no-progress"], "base.pt",
-              "already holds a finished trained model; pass --force to overwrite it"),
-    "compress": (lambda ck, rec, d: ["compress", rec, "--model", ck, "--run-dir", d, "--no-progress",
-                                     "--target-macs", "60%"], "slim.pt",
-                 "already holds a finished compressed model; pass --force to overwrite it"),
-    "export": (lambda ck, rec, d: ["export", ck, "--out-dir", d, "--quiet"], "model.onnx",
-               "already holds a finished ONNX export; pass --force to overwrite it"),
-    "profile": (lambda ck, rec, d: ["profile", ck, "--out-dir", d, "--quiet"], "report.json",
-                "already holds a finished profile report; pass --force to overwrite it"),
+    "train": (
+        lambda ck, rec, d: ["train", rec, "--run-dir", d, "--no-progress"],
+        "base.pt",
+        "already holds a finished trained model; pass --force to overwrite it",
+    ),
+    "compress": (
+        lambda ck, rec, d: [
+            "compress",
+            rec,
+            "--model",
+            ck,
+            "--run-dir",
+            d,
+            "--no-progress",
+            "--target-macs",
+            "60%",
+        ],
+        "slim.pt",
+        "already holds a finished compressed model; pass --force to overwrite it",
+    ),
+    "export": (
+        lambda ck, rec, d: ["export", ck, "--out-dir", d, "--quiet"],
+        "model.onnx",
+        "already holds a finished ONNX export; pass --force to overwrite it",
+    ),
+    "profile": (
+        lambda ck, rec, d: ["profile", ck, "--out-dir", d, "--quiet"],
+        "report.json",
+        "already holds a finished profile report; pass --force to overwrite it",
+    ),
 }
 
 
@@ -437,8 +582,10 @@ def _failing_torch_save(monkeypatch, exc: BaseException) -> None:
 DISK_FULL = {
     "OSError ENOSPC": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), os.strerror(errno.ENOSPC)),
     # what torch's C++ writer really raises on a full disk (checked on a 1 MiB tmpfs)
-    "torch writer RuntimeError": (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
-                                  "torch.save could not finish writing (is the disk full?)"),
+    "torch writer RuntimeError": (
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+        "torch.save could not finish writing (is the disk full?)",
+    ),
 }
 
 
@@ -472,13 +619,40 @@ def test_disk_full_keeps_the_previous_json(ckpts, recipe, run_cli, tmp_path, mon
 
 def test_disk_full_keeps_selection_and_model_consistent(ckpts, recipe, run_cli, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    first = run_cli(["compress", recipe, "--model", ckpts["good"], "--run-dir", run, "--criterion", "l1",
-                     "--target-macs", "70%", "--no-progress"])
+    first = run_cli(
+        [
+            "compress",
+            recipe,
+            "--model",
+            ckpts["good"],
+            "--run-dir",
+            run,
+            "--criterion",
+            "l1",
+            "--target-macs",
+            "70%",
+            "--no-progress",
+        ]
+    )
     assert first.code == 0, first.stderr
     before = {n: (run / n).read_bytes() for n in ("slim.pt", "selection.json")}
     _failing_torch_save(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-    r = run_cli(["compress", recipe, "--model", ckpts["good"], "--run-dir", run, "--criterion", "l1",
-                 "--target-macs", "40%", "--no-progress", "--force"])
+    r = run_cli(
+        [
+            "compress",
+            recipe,
+            "--model",
+            ckpts["good"],
+            "--run-dir",
+            run,
+            "--criterion",
+            "l1",
+            "--target-macs",
+            "40%",
+            "--no-progress",
+            "--force",
+        ]
+    )
     one_line_error(r, 2, "No space left on device")
     assert (run / "slim.pt").read_bytes() == before["slim.pt"]
     assert leftovers(run) == []
@@ -496,9 +670,15 @@ def _spawn(args: list[Any], cwd: Path) -> subprocess.Popen:
     # A job started in the background by a non-interactive shell (as CI may be) inherits SIGINT
     # ignored, and Python then never raises KeyboardInterrupt: give the child the default
     # disposition, as a terminal's foreground process has.
-    return subprocess.Popen([sys.executable, "-m", "gslim", *map(str, args)], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "gslim", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -519,7 +699,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def test_sigkill_then_resume_finishes_with_the_uninterrupted_weights(make_recipe, run_cli, tmp_path, one_thread):
+def test_sigkill_then_resume_finishes_with_the_uninterrupted_weights(
+    make_recipe, run_cli, tmp_path, one_thread
+):
     """A real ``kill -9`` in epoch 2 of 4; ``--resume`` finishes, bit-identical to a run never killed."""
     recipe = make_recipe({"model.arch": ARCH, "train.epochs": 4, "data.synthetic_train": 96})
     run = tmp_path / "run"
@@ -532,7 +714,9 @@ def test_sigkill_then_resume_finishes_with_the_uninterrupted_weights(make_recipe
     torch.load(run / "last.pt", weights_only=True)  # the last finished state is whole (atomic rename)
 
     refused = run_cli(["train", recipe, "--no-progress"])
-    one_line_error(refused, 2, "holds an unfinished run; pass --resume to continue it or --force to start over")
+    one_line_error(
+        refused, 2, "holds an unfinished run; pass --resume to continue it or --force to start over"
+    )
 
     resumed = run_cli(["train", recipe, "--resume", "--no-progress"])
     assert resumed.code == 0, resumed.stderr
@@ -590,7 +774,16 @@ def test_cuda_requested_but_unavailable(command, ckpts, recipe, run_cli, tmp_pat
     if command == "train":
         argv = ["train", recipe, "--run-dir", run, "--device", "cuda", "--no-progress"]
     else:
-        argv = ["evaluate", ckpts["good"], recipe, "--device", "cuda", "--json", run / "e.json", "--no-progress"]
+        argv = [
+            "evaluate",
+            ckpts["good"],
+            recipe,
+            "--device",
+            "cuda",
+            "--json",
+            run / "e.json",
+            "--no-progress",
+        ]
     r = run_cli(argv)
     one_line_error(r, 3, "CUDA was requested but no CUDA device is available (use --device cpu)")
     assert files_under(run) == []
@@ -599,8 +792,23 @@ def test_cuda_requested_but_unavailable(command, ckpts, recipe, run_cli, tmp_pat
 def test_parity_failure_from_the_cli(ckpts, recipe, run_cli, tmp_path):
     """An impossible tolerance: exit 2, the numbers in one line, only parity.json (the record) kept."""
     out = tmp_path / "onnx"
-    r = run_cli(["export", ckpts["good"], "--recipe", recipe, "--out-dir", out, "--opset", "17",
-                 "--tolerance", "1e-12", "--parity-images", "8", "--quiet"])
+    r = run_cli(
+        [
+            "export",
+            ckpts["good"],
+            "--recipe",
+            recipe,
+            "--out-dir",
+            out,
+            "--opset",
+            "17",
+            "--tolerance",
+            "1e-12",
+            "--parity-images",
+            "8",
+            "--quiet",
+        ]
+    )
     one_line_error(r, 2, "ONNX parity failed for model.onnx", "exceeds", "tolerance 1e-12")
     assert files_under(out) == ["parity.json"]
     assert json.loads((out / "parity.json").read_text())["passed"] is False
@@ -612,8 +820,19 @@ def test_parity_failure_from_the_cli(ckpts, recipe, run_cli, tmp_path):
 def test_same_recipe_and_seed_give_the_same_selection(ckpts, recipe, run_cli, tmp_path):
     runs = []
     for name in ("a", "b"):
-        r = run_cli(["compress", recipe, "--model", ckpts["good"], "--target-macs", "60%", "--run-dir",
-                     tmp_path / name, "--no-progress"])
+        r = run_cli(
+            [
+                "compress",
+                recipe,
+                "--model",
+                ckpts["good"],
+                "--target-macs",
+                "60%",
+                "--run-dir",
+                tmp_path / name,
+                "--no-progress",
+            ]
+        )
         assert r.code == 0, r.stderr
         runs.append(json.loads((tmp_path / name / "selection.json").read_text()))
     a, b = runs

@@ -27,9 +27,21 @@ def test_run_chains_every_stage_and_resumes(make_recipe, run_cli, tmp_path):
     res = run_cli(["run", recipe, "--no-progress"])
     assert res.code == 0, res.stderr
     run = tmp_path / "run"
-    for f in ("base.pt", "slim.pt", "selection.json", "finetuned.pt", "one_shot.json", "run.json",
-              "export/base/model.onnx", "export/main/parity.json", "export/macs40/model.onnx",
-              "sweep/macs40/finetuned.pt", "report/report.md", "report/report.json", "report/tradeoff.png"):
+    for f in (
+        "base.pt",
+        "slim.pt",
+        "selection.json",
+        "finetuned.pt",
+        "one_shot.json",
+        "run.json",
+        "export/base/model.onnx",
+        "export/main/parity.json",
+        "export/macs40/model.onnx",
+        "sweep/macs40/finetuned.pt",
+        "report/report.md",
+        "report/report.json",
+        "report/tradeoff.png",
+    ):
         assert (run / f).is_file(), f
     report = (run / "report" / "report.md").read_text()
     assert "greedy 60% MACs" in report or "greedy 5" in report
@@ -53,8 +65,15 @@ def test_run_chains_every_stage_and_resumes(make_recipe, run_cli, tmp_path):
 
 
 def test_run_exports_and_profiles_int8_beside_fp32(make_recipe, run_cli, tmp_path):
-    recipe = make_recipe({**RUN_OVERRIDES, "sweep": None, "export.int8": True, "export.int8_max_top1_drop": 100.0,
-                          "profile.backends": ["torch-cpu", "ort-cpu"]})
+    recipe = make_recipe(
+        {
+            **RUN_OVERRIDES,
+            "sweep": None,
+            "export.int8": True,
+            "export.int8_max_top1_drop": 100.0,
+            "profile.backends": ["torch-cpu", "ort-cpu"],
+        }
+    )
     res = run_cli(["run", recipe, "--no-progress"])
     assert res.code == 0, res.stderr
     run = tmp_path / "run"
@@ -67,3 +86,27 @@ def test_run_exports_and_profiles_int8_beside_fp32(make_recipe, run_cli, tmp_pat
     rows = [r for r in report["results"] if "INT8" in r["label"]] if "results" in report else []
     assert not rows or all(r["backend"] != "torch-cpu" or r["status"] == "skipped" for r in rows)
     assert "int8" in (run / "report" / "report.md").read_text()
+
+
+def test_run_with_a_latency_budget_and_a_latency_sweep(make_recipe, run_cli, tmp_path, monkeypatch):
+    from test_latency import _mac_timer
+
+    _mac_timer(monkeypatch)  # a deterministic stand-in runtime for the latency table and the loop
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path / "cache"))
+    overrides = {
+        **RUN_OVERRIDES,
+        "compress.target_macs": None,
+        "compress.target_latency": "60%",
+        "sweep": ["40%"],
+        "profile.backends": ["ort-cpu"],
+    }
+    res = run_cli(["run", make_recipe(overrides), "--no-progress"])
+    assert res.code == 0, res.stderr
+    run = tmp_path / "run"
+    assert (run / "sweep" / "lat40" / "finetuned.pt").is_file()
+    info = json.loads((run / "run.json").read_text())
+    for label in ("main", "lat40"):
+        lat = info["budgets"][label]["latency"]
+        assert lat["measured_ms"] <= lat["budget_ms"] * 1.03 and lat["predicted_ms"] > 0
+    report = (run / "report" / "report.md").read_text()
+    assert "60% latency" in report and "latency_budget_ms=" in report and "latency_measured_ms=" in report

@@ -180,7 +180,8 @@ def test_refit_is_kept_only_where_it_beats_the_original_weights_held_out():
     # on images the selection never saw, the kept weights are no worse than slicing alone
     # (within the noise of a 12-image held-out split)
     assert _rel(_capture(r.model, "classifier", fresh), original) <= 1.5 * _rel(
-        _capture(sliced, "classifier", fresh), original)
+        _capture(sliced, "classifier", fresh), original
+    )
 
 
 class OneStream(nn.Module):
@@ -213,17 +214,29 @@ def test_residual_consumers_are_fitted_to_the_original_network():
     assert stream.kept < 32 and "head" in stream.consumers
     # the error it reports is the discrepancy to the original network's head output
     rows = sorted(next(u for u in r.units if u.name == "head").order)  # head's own outputs were cut too
-    measured = _rel(_capture(r.model, "head", x) - r.model.head.bias.view(1, -1, 1, 1),
-                    (_capture(model, "head", x) - model.head.bias.view(1, -1, 1, 1))[:, rows])
+    measured = _rel(
+        _capture(r.model, "head", x) - r.model.head.bias.view(1, -1, 1, 1),
+        (_capture(model, "head", x) - model.head.bias.view(1, -1, 1, 1))[:, rows],
+    )
     assert measured < 1.5 * stream.consumer_errors["head"] + 1e-3
 
 
-@pytest.mark.parametrize("padding,mode", [(1, "reflect"), (1, "circular"), ("same", "zeros"), ("same", "reflect")])
+@pytest.mark.parametrize(
+    "padding,mode", [(1, "reflect"), (1, "circular"), ("same", "zeros"), ("same", "reflect")]
+)
 def test_padding_modes_give_exact_statistics(padding, mode):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-                          nn.Conv2d(12, 8, 3, padding=padding, padding_mode=mode), nn.BatchNorm2d(8),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.Conv2d(12, 8, 3, padding=padding, padding_mode=mode),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
     x = torch.randn(32, 3, 6, 6)
     cfg = CompressConfig(eps=1e-9, ridge=0.0, bn_recalib=False, round_to=1, min_width=1)
     r = compress_model(model, 6, x, None, cfg)

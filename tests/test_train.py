@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import gslim.progress
 from conftest import FASHION_MNIST_DIR, tiny_recipe_dict
 from gslim import train as T
 from gslim.errors import GslimError
@@ -105,14 +106,22 @@ def test_distill_loss_formula():
     got = T.distill_loss(s, y, t, alpha=alpha, temperature=temp, label_smoothing=0.1)
     assert torch.allclose(got, expected, atol=1e-6)
     # a student that matches its teacher pays no distillation term
-    assert torch.allclose(T.distill_loss(s, y, s.clone(), alpha=alpha, temperature=temp, label_smoothing=0.1),
-                          (1 - alpha) * ce, atol=1e-6)
+    assert torch.allclose(
+        T.distill_loss(s, y, s.clone(), alpha=alpha, temperature=temp, label_smoothing=0.1),
+        (1 - alpha) * ce,
+        atol=1e-6,
+    )
 
 
 def test_amp_and_channels_last_are_cuda_only():
+    import contextlib
+
+    from gslim.train.optim import amp_dtype_for as _amp_dtype
+    from gslim.train.optim import autocast as _autocast
+
     cfg = parse_recipe(tiny_recipe_dict({"train.amp": True})).train
-    assert T._amp_dtype(torch.device("cpu"), cfg) is None
-    assert isinstance(T._autocast(torch.device("cpu"), None), type(T.contextlib.nullcontext()))
+    assert _amp_dtype(torch.device("cpu"), cfg) is None
+    assert isinstance(_autocast(torch.device("cpu"), None), type(contextlib.nullcontext()))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -130,12 +139,14 @@ class _Identity(nn.Module):
 
 
 def test_evaluate_topk_loss_and_count():
-    logits = torch.tensor([
-        [9.0, 1, 2, 3, 4, 5, 0],  # label 0: top-1
-        [1.0, 9, 8, 7, 6, 5, 0],  # label 5: 5th best -> top-5 only
-        [1.0, 9, 8, 7, 6, 5, 0],  # label 6: worst -> neither
-        [0.0, 0, 0, 0, 0, 0, 9],  # label 6: top-1
-    ])
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5, 0],  # label 0: top-1
+            [1.0, 9, 8, 7, 6, 5, 0],  # label 5: 5th best -> top-5 only
+            [1.0, 9, 8, 7, 6, 5, 0],  # label 6: worst -> neither
+            [0.0, 0, 0, 0, 0, 0, 9],  # label 6: top-1
+        ]
+    )
     labels = torch.tensor([0, 5, 6, 6])
     loader = DataLoader(TensorDataset(logits, labels), batch_size=3)
     model = _Identity().train()
@@ -160,8 +171,9 @@ def test_evaluate_on_recipe_limit():
 
 
 def test_fit_learns_and_writes_artifacts(tmp_path):
-    rec, model, spec = _setup({"train.epochs": 3, "data.synthetic_train": 128, "data.synthetic_val": 64},
-                              arch="resnet18")
+    rec, model, spec = _setup(
+        {"train.epochs": 3, "data.synthetic_train": 128, "data.synthetic_val": 64}, arch="resnet18"
+    )
     res = _fit(rec, model, spec, tmp_path)
     assert res.final_path == tmp_path / "model.pt" and res.epochs == 3
 
@@ -179,7 +191,9 @@ def test_fit_learns_and_writes_artifacts(tmp_path):
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 3 and state["step"] == 3 * 8
     assert state["arch"] == "resnet18" and state["num_classes"] == 4 and state["input_size"] == 32
-    assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(state["rng"]["python"], torch.Tensor)
+    assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(
+        state["rng"]["python"], torch.Tensor
+    )
     assert state["optimizer"]["state"]  # momentum buffers are saved
 
     loaded, lspec = load_model(tmp_path / "model.pt")
@@ -207,8 +221,14 @@ def test_resume_reaches_the_same_weights(tmp_path, kind):
     if kind == "fashion-mnist":  # real data: exercises augmentation randomness as well
         if not FASHION_MNIST_DIR.is_dir():
             pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
-        over.update({"data.kind": "fashion-mnist", "model.num_classes": 10, "data.train_images": 64,
-                     "data.val_images": 32})
+        over.update(
+            {
+                "data.kind": "fashion-mnist",
+                "model.num_classes": 10,
+                "data.train_images": 64,
+                "data.val_images": 32,
+            }
+        )
     rec, model, spec = _setup(over)  # mobilenet_v3_small has dropout: the RNG matters
     straight = _fit(rec, model, spec, tmp_path / "a")
 
@@ -241,7 +261,9 @@ def test_resume_refuses_a_changed_schedule_and_other_arch(tmp_path):
     rec3, model3, spec3 = _setup({"train.epochs": 3, "train.max_steps_per_epoch": 1})
     with pytest.raises(GslimError, match=r"schedule changed \(epochs 2->3\)"):
         _fit(rec3, model3, spec3, tmp_path, resume=True)
-    rec_r, model_r, spec_r = _setup({"train.epochs": 2, "train.max_steps_per_epoch": 1}, arch="shufflenet_v2_x0_5")
+    rec_r, model_r, spec_r = _setup(
+        {"train.epochs": 2, "train.max_steps_per_epoch": 1}, arch="shufflenet_v2_x0_5"
+    )
     with pytest.raises(GslimError, match="trains a mobilenet_v3_small"):
         _fit(rec_r, model_r, spec_r, tmp_path, resume=True)
 
@@ -254,23 +276,26 @@ def test_resume_without_state_starts_fresh(tmp_path, capsys):
 
 
 def test_distillation_keeps_the_teacher_frozen(tmp_path):
-    rec, student, spec = _setup({"train.max_steps_per_epoch": 2, "train.distill": {"alpha": 0.9,
-                                                                                   "temperature": 2.0}})
+    rec, student, spec = _setup(
+        {"train.max_steps_per_epoch": 2, "train.distill": {"alpha": 0.9, "temperature": 2.0}}
+    )
     torch.manual_seed(7)
     teacher = build_model("mobilenet_v3_small", 4).train()  # fit must switch it to eval mode
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     calls = []
-    orig = T.distill_loss
+    import gslim.train.loop as L  # the training loop's own reference to the loss
+
+    orig = L.distill_loss
 
     def spy(s, y, t, **kw):
         calls.append((t is not None, kw["alpha"], kw["temperature"]))
         return orig(s, y, t, **kw)
 
-    T.distill_loss = spy
+    L.distill_loss = spy
     try:
         _fit(rec, student, spec, tmp_path, teacher=teacher)
     finally:
-        T.distill_loss = orig
+        L.distill_loss = orig
     assert calls == [(True, 0.9, 2.0)] * 2
     assert not teacher.training
     for k, v in teacher.state_dict().items():  # no weight update, and BN statistics untouched
@@ -290,7 +315,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     rec, model, spec = _setup({"train.max_steps_per_epoch": 2})
     _fit(rec, model, spec, tmp_path / "a", progress=True)  # stderr is captured: not a TTY
     assert "img/s" not in capsys.readouterr().err
-    monkeypatch.setattr(T, "_stderr_is_tty", lambda: True)
+    monkeypatch.setattr(gslim.progress, "stderr_is_tty", lambda: True)
     _fit(rec, model, spec, tmp_path / "b", progress=True)
     assert "img/s" in capsys.readouterr().err
     _fit(rec, model, spec, tmp_path / "c", progress=False)
@@ -317,8 +342,9 @@ def test_cli_train_then_evaluate(make_recipe, run_cli, tmp_path):
     assert again.stderr.count("\n") == 1
 
     # the resolved recipe beside the checkpoint supplies the data
-    ev = run_cli(["evaluate", run_dir / "base.pt", "--limit", "20", "--json", tmp_path / "ev.json",
-                  "--no-progress"])
+    ev = run_cli(
+        ["evaluate", run_dir / "base.pt", "--limit", "20", "--json", tmp_path / "ev.json", "--no-progress"]
+    )
     assert ev.code == 0, ev.stderr
     assert "top-1" in ev.stdout and "20 images" in ev.stdout
     out = json.loads((tmp_path / "ev.json").read_text())
@@ -330,7 +356,9 @@ def test_cli_user_errors_are_one_line(make_recipe, run_cli, tmp_path):
     r = run_cli(["train", recipe, "--set", "train.epohcs=2"])
     assert r.code == 2 and "train.epohcs: unknown key" in r.stderr and "Traceback" not in r.stderr
 
-    missing = make_recipe({"data.kind": "fashion-mnist", "data.root": str(tmp_path / "nowhere")}, name="fm.yaml")
+    missing = make_recipe(
+        {"data.kind": "fashion-mnist", "data.root": str(tmp_path / "nowhere")}, name="fm.yaml"
+    )
     r = run_cli(["train", missing, "--no-progress"])
     assert r.code == 2 and "Fashion-MNIST directory not found" in r.stderr and "Traceback" not in r.stderr
 
@@ -349,9 +377,23 @@ def test_cli_user_errors_are_one_line(make_recipe, run_cli, tmp_path):
 
 
 def test_cli_help_documents_every_option(run_cli):
-    for cmd, opts in (("train", ["--set", "--run-dir", "--epochs", "--lr", "--batch-size", "--device",
-                                 "--resume", "--force", "--no-progress"]),
-                      ("evaluate", ["--set", "--limit", "--device", "--json"])):
+    for cmd, opts in (
+        (
+            "train",
+            [
+                "--set",
+                "--run-dir",
+                "--epochs",
+                "--lr",
+                "--batch-size",
+                "--device",
+                "--resume",
+                "--force",
+                "--no-progress",
+            ],
+        ),
+        ("evaluate", ["--set", "--limit", "--device", "--json"]),
+    ):
         r = run_cli([cmd, "--help"])
         assert r.code == 0
         for opt in opts:
@@ -367,9 +409,24 @@ def test_torchrun_two_processes_on_cpu(make_recipe, tmp_path):
     env.pop("WORLD_SIZE", None)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gslim", "train", str(recipe), "--no-progress", "--device", "cpu"]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gslim",
+        "train",
+        str(recipe),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(
+        cmd, check=False, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
     model, spec = load_model(run_dir / "base.pt")

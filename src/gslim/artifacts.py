@@ -15,12 +15,13 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from gslim.errors import GslimError
+from gslim.errors import GslimError, first_line
 
 
 def writable_parent(dest: Path) -> Path:
@@ -54,7 +55,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, dest)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise GslimError(f"could not write {dest}: {exc.strerror or exc} (previous file left intact)") from exc
+        raise GslimError(
+            f"could not write {dest}: {exc.strerror or exc} (previous file left intact)"
+        ) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -140,7 +143,7 @@ def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> Any:
             ) from exc
         raise GslimError(f"checkpoint {p} is truncated or corrupt: {_weights_only_reason(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - a damaged file raises anything from EOFError to KeyError
-        raise GslimError(f"checkpoint {p} is truncated or corrupt: {_first_line(exc)}") from exc
+        raise GslimError(f"checkpoint {p} is truncated or corrupt: {_first_sentence(exc)}") from exc
 
 
 def refuse_overwrite(path: str | os.PathLike, force: bool, what: str = "result") -> None:
@@ -170,24 +173,83 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
     return p
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first sentence of an exception's first line (torch appends paragraphs of advice)."""
-    text = str(exc).strip()
-    if isinstance(exc, KeyError) or not text:
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    line = text.splitlines()[0].strip()
-    cut = line.find(". ")
-    if 0 < cut < len(line) - 2:
-        line = line[:cut]
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+class Transaction:
+    """Several artifacts published together, or none of them.
+
+    ``stage(final)`` gives a path with ``final``'s name in a private directory next to it (the
+    same filesystem, so the last rename is atomic; side files written next to it, such as ONNX
+    external data, keep valid relative references). ``commit()`` publishes everything in staging
+    order: each artifact's side files first and the artifact itself last, each fsynced and
+    renamed. Leaving the ``with`` block removes whatever was not published, so a failed or
+    interrupted stage leaves no file that looks complete and the previous versions intact.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (private directory, final path)
+        self._scratch: list[Path] = []
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for d in [d for d, _ in self._staged] + self._scratch:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def stage(self, final: str | os.PathLike) -> Path:
+        final = Path(final)
+        self._staged.append((_private_dir(final, ".tmp"), final))
+        return self._staged[-1][0] / final.name
+
+    def scratch(self, near: str | os.PathLike) -> Path:
+        """A private working directory next to ``near``, removed at the end (never published)."""
+        self._scratch.append(_private_dir(Path(near), ".scratch"))
+        return self._scratch[-1]
+
+    def commit(self) -> None:
+        for stage_dir, final in self._staged:
+            main = stage_dir / final.name
+            try:
+                for f in sorted(stage_dir.iterdir()):
+                    if f != main:
+                        _fsync(f)
+                        os.replace(f, final.parent / f.name)
+                _fsync(main)
+                os.replace(main, final)
+            except OSError as exc:
+                raise GslimError(f"could not write {final}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def staged_file(dest: str | os.PathLike) -> Iterator[Path]:
+    """One artifact (with any side files) through a :class:`Transaction`: write the yielded path;
+    it is published when the block ends without an exception."""
+    with Transaction() as tx:
+        tmp = tx.stage(dest)
+        yield tmp
+        if not tmp.is_file():
+            raise GslimError(f"nothing was written for {dest}")
+        tx.commit()
+
+
+def _private_dir(final: Path, suffix: str) -> Path:
+    parent = writable_parent(final)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=suffix, dir=parent))
+    except OSError as exc:
+        raise GslimError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def _weights_only_reason(exc: BaseException) -> str:
     """The unpickler's own complaint inside torch's long weights_only message."""
     m = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
     if m:
-        return _first_line(Exception(m.group(1)))
-    return _first_line(exc)
+        return _first_sentence(Exception(m.group(1)))
+    return _first_sentence(exc)
 
 
 def _json_default(o: Any) -> Any:
@@ -200,3 +262,7 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (set, frozenset)):
         return sorted(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    return first_line(exc, 200, sentence=True)

@@ -99,10 +99,14 @@ def one_line(exc: BaseException) -> str:
     whole traceback as its message; the original message is that traceback's last line.
     """
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught ") and any(ln.startswith("Original Traceback") for ln in lines):
+    if (
+        len(lines) > 1
+        and lines[0].startswith("Caught ")
+        and any(ln.startswith("Original Traceback") for ln in lines)
+    ):
         prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
         last = lines[-1]
-        return last[len(prefix):] if last.startswith(prefix) else last
+        return last[len(prefix) :] if last.startswith(prefix) else last
     return " ".join(lines)
 
 

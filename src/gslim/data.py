@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -67,8 +66,14 @@ class TensorImageDataset(Dataset):
     Single-channel data is expanded to 3 channels lazily (a view, no copy).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, train: bool, seed: int = 0,
-                 resize_to: Optional[int] = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        train: bool,
+        seed: int = 0,
+        resize_to: Optional[int] = None,
+    ):
         self.images, self.labels, self.train = images, labels, train
         self.resize_to = resize_to  # raw uint8 images, decoded and resized per item (large inputs)
         self.size = resize_to or images.shape[-1]
@@ -139,7 +144,9 @@ def _imagefolder(root: Path, split: str, input_size: int) -> Dataset:
     if split == "train":
         tf = T.Compose([T.RandomResizedCrop(input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     else:
-        tf = T.Compose([T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size), T.ToTensor(), norm])
+        tf = T.Compose(
+            [T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size), T.ToTensor(), norm]
+        )
     try:
         ds = ImageFolder(str(d), transform=tf, loader=_checked_loader)
     except (FileNotFoundError, RuntimeError) as exc:
@@ -170,7 +177,9 @@ def make_dataset(cfg: DataConfig, split: str, input_size: int, num_classes: int,
         ds = load_fashion_mnist(cfg.resolved_root(), split, input_size, limit)
     elif cfg.kind == "synthetic":
         n = cfg.synthetic_train if split == "train" else cfg.synthetic_val
-        ds = make_synthetic(n if limit is None else min(n, limit), num_classes, input_size, seed, split == "train")
+        ds = make_synthetic(
+            n if limit is None else min(n, limit), num_classes, input_size, seed, split == "train"
+        )
     else:
         if cfg.root is None:
             raise GslimError("data.root is required for kind 'imagefolder'")
@@ -180,6 +189,18 @@ def make_dataset(cfg: DataConfig, split: str, input_size: int, num_classes: int,
     if len(ds) == 0:
         raise GslimError(f"the {split} split of the {cfg.kind} dataset is empty")
     return ds
+
+
+def data_classes(cfg: DataConfig, ds: Dataset) -> Optional[int]:
+    """How many classes the dataset's labels come from, where the data fixes it: 10 for
+    Fashion-MNIST, the class folders of an image folder; None for synthetic data (made for the
+    model's count)."""
+    if cfg.kind == "fashion-mnist":
+        return 10
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    classes = getattr(ds, "classes", None)
+    return len(classes) if classes is not None else None
 
 
 def seeded_perm(n: int, seed: int) -> torch.Tensor:
@@ -209,20 +230,25 @@ def eval_view(ds: Dataset) -> Dataset:
         if size is not None:
             ds = copy.copy(ds)
             ds.transform = T.Compose(
-                [T.Resize(int(round(size / 0.875))), T.CenterCrop(size), T.ToTensor(),
-                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+                [
+                    T.Resize(int(round(size / 0.875))),
+                    T.CenterCrop(size),
+                    T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                ]
             )
     return ds
 
 
-@dataclass
-class Loaders:
-    train: DataLoader
-    val: DataLoader
-
-
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
-                sampler=None, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    seed: int = 0,
+    sampler=None,
+    drop_last: bool = False,
+) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     in_memory = isinstance(ds, TensorImageDataset) or (
         isinstance(ds, Subset) and isinstance(ds.dataset, TensorImageDataset)
@@ -230,13 +256,25 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed:
     # In-memory tensors gain nothing from worker processes and pay their start-up cost.
     nw = 0 if in_memory else workers
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=nw, generator=g, drop_last=drop_last, persistent_workers=nw > 0,
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=nw,
+        generator=g,
+        drop_last=drop_last,
+        persistent_workers=nw > 0,
     )
 
 
-def calibration_loader(cfg: DataConfig, input_size: int, num_classes: int, seed: int = 0,
-                       batch_size: Optional[int] = None, count: Optional[int] = None) -> DataLoader:
+def calibration_loader(
+    cfg: DataConfig,
+    input_size: int,
+    num_classes: int,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    count: Optional[int] = None,
+) -> DataLoader:
     """``calib_images`` training images (a seeded random subset), without augmentation, fixed order."""
     ds = eval_view(make_dataset(cfg, "train", input_size, num_classes, seed))
     n = count or cfg.calib_images
@@ -246,8 +284,9 @@ def calibration_loader(cfg: DataConfig, input_size: int, num_classes: int, seed:
     return make_loader(Subset(ds, idx), batch_size or cfg.batch_size, shuffle=False, workers=cfg.workers)
 
 
-def calibration_batch(cfg: DataConfig, input_size: int, num_classes: int, seed: int = 0,
-                      count: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_batch(
+    cfg: DataConfig, input_size: int, num_classes: int, seed: int = 0, count: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The calibration set as one (images, labels) pair of tensors."""
     xs, ys = [], []
     for x, y in calibration_loader(cfg, input_size, num_classes, seed, count=count):

@@ -30,7 +30,9 @@ class HoldoutSplit:
     calib_indices: list[int]  # the calibration subset they exclude
 
 
-def holdout_split(data: DataConfig, input_size: int, num_classes: int, seed: int, count: int) -> Optional[HoldoutSplit]:
+def holdout_split(
+    data: DataConfig, input_size: int, num_classes: int, seed: int, count: int
+) -> Optional[HoldoutSplit]:
     """Hold out up to ``count`` training images, disjoint from the calibration subset.
 
     The calibration subset is the first ``data.calib_images`` of the seeded permutation of the
@@ -45,11 +47,15 @@ def holdout_split(data: DataConfig, input_size: int, num_classes: int, seed: int
     take = min(count, max(0, n - calib_n), n // 5)
     if take < 1:
         return None
-    held = perm[calib_n: calib_n + take]
+    held = perm[calib_n : calib_n + take]
     held_set = set(held)
     rest = [i for i in range(n) if i not in held_set]
-    return HoldoutSplit(train=Subset(full, rest), holdout=eval_view(Subset(full, held)), indices=held,
-                        calib_indices=perm[:calib_n])
+    return HoldoutSplit(
+        train=Subset(full, rest),
+        holdout=eval_view(Subset(full, held)),
+        indices=held,
+        calib_indices=perm[:calib_n],
+    )
 
 
 @dataclass
@@ -87,9 +93,12 @@ class BestKeeper:
 
     def summary(self) -> dict[str, Any]:
         start = self.history[0] if self.history else None
-        return {"kept": copy.deepcopy(self.best), "start": copy.deepcopy(start),
-                "kept_start": bool(self.best and start and self.best["step"] == start["step"]),
-                "points": len(self.history)}
+        return {
+            "kept": copy.deepcopy(self.best),
+            "start": copy.deepcopy(start),
+            "kept_start": bool(self.best and start and self.best["step"] == start["step"]),
+            "points": len(self.history),
+        }
 
 
 def eval_steps(steps_per_epoch: int, evals_per_epoch: int) -> set[int]:

@@ -7,8 +7,8 @@ A gslim checkpoint is a plain dict that loads with ``torch.load(weights_only=Tru
      "state_dict": {...}, "meta": {...JSON-able...}}
 
 It never pickles a module. A compressed model is rebuilt by constructing the base
-torchvision architecture, re-applying the kept widths with the same surgery that
-compressed it (:func:`gslim.compress.slim.apply_widths`), and loading the state dict.
+torchvision architecture, narrowing its layers to the shapes of the checkpoint's tensors
+(:mod:`gslim.shapes`; no graph trace) and loading the state dict.
 """
 
 from __future__ import annotations
@@ -126,12 +126,14 @@ def build_model(arch: str, num_classes: int, weights: Optional[str] = None) -> n
     return load_pretrained(arch, weights, num_classes)
 
 
-def model_from_spec(spec: ModelSpec) -> nn.Module:
+def model_from_spec(spec: ModelSpec, state: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """The spec's architecture; a compressed one (``spec.widths``) takes its layer widths from the
+    checkpoint's own tensor shapes (:func:`gslim.shapes.fit_to_state`: no channel analysis)."""
     model = build_architecture(spec.arch, spec.num_classes)
-    if spec.widths:
-        from gslim.compress.slim import apply_widths
+    if spec.widths and state is not None:
+        from gslim.shapes import fit_to_state
 
-        apply_widths(model, spec.widths, spec.input_size)
+        fit_to_state(model, state)
     return model
 
 
@@ -225,7 +227,7 @@ def load_model(
             f"{path} has {spec.num_classes} classes but the recipe asks for {num_classes}"
             " (set model.num_classes to match, or fine-tune a new head from a bare state dict)"
         )
-    model = model_from_spec(spec)
+    model = model_from_spec(spec, state)
     load_state_dict_checked(model, state, str(path))
     return model.eval(), spec
 

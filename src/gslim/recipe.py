@@ -37,7 +37,9 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     kind: Literal["fashion-mnist", "imagefolder", "synthetic"] = "fashion-mnist"
-    root: Optional[str] = Field(None, description="dataset directory; fashion-mnist defaults to Debian's path")
+    root: Optional[str] = Field(
+        None, description="dataset directory; fashion-mnist defaults to Debian's path"
+    )
     batch_size: int = Field(128, ge=1)
     eval_batch_size: Optional[int] = Field(None, ge=1)
     workers: int = Field(2, ge=0)
@@ -54,7 +56,9 @@ class DataConfig(_Section):
 
 
 class DistillConfig(_Section):
-    teacher: Optional[str] = Field(None, description="teacher checkpoint; finetune defaults to the base model")
+    teacher: Optional[str] = Field(
+        None, description="teacher checkpoint; finetune defaults to the base model"
+    )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term (1-alpha on cross-entropy)")
     temperature: float = Field(4.0, gt=0.0)
 
@@ -81,13 +85,16 @@ class FinetuneConfig(TrainConfig):
     warmup_epochs: float = Field(0.0, ge=0.0)
     distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)
     holdout_images: int = Field(
-        2000, ge=0, description="training images held out (never the calibration or validation images) to score "
+        2000,
+        ge=0,
+        description="training images held out (never the calibration or validation images) to score "
         "the starting model and each checkpoint; the best is kept, so the result is never worse there than the "
-        "start (0: keep the last checkpoint)")
+        "start (0: keep the last checkpoint)",
+    )
     holdout_evals_per_epoch: int = Field(4, ge=1, description="checkpoints scored on the hold-out per epoch")
 
 
-def _parse_budget(value: Any) -> Any:
+def parse_budget(value: Any) -> Any:
     """'50%' -> 0.5 (a fraction of the base model); '3.2e8' or 320000000 -> absolute count."""
     if value is None or isinstance(value, (int, float)):
         return value
@@ -101,13 +108,110 @@ def _parse_budget(value: Any) -> Any:
         raise ValueError(f"expected a percentage like '50%' or a count, got {value!r}") from exc
 
 
+def parse_latency(value: Any) -> tuple[str, float]:
+    """A latency budget: '2.5ms' -> ('ms', 2.5); '50%' or 0.5 -> ('fraction', 0.5) of the base."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if 0 < float(value) <= 1:
+            return "fraction", float(value)
+    else:
+        text = str(value).strip().lower()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|%)", text)
+        if m:
+            v = float(m.group(1))
+            if m.group(2) == "ms" and v > 0:
+                return "ms", v
+            if m.group(2) == "%" and 0 < v <= 100:
+                return "fraction", v / 100.0
+    raise ValueError(
+        f"a latency budget is milliseconds ('2.5ms') or a fraction of the base model's measured "
+        f"latency ('50%'), got {value!r}"
+    )
+
+
+def _latency_text(value: Any) -> Any:
+    if value is None:
+        return None
+    parse_latency(value)
+    return str(value).strip() if not isinstance(value, (int, float)) else f"{100 * float(value):g}%"
+
+
+def _known_backend(name: Optional[str]) -> Optional[str]:
+    return None if name is None else _known_backends([name])[0]
+
+
+def _known_backends(names: list[str]) -> list[str]:
+    from gslim.runtime import BACKENDS  # the one registry of runtimes (no runtime is imported)
+
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return names
+
+
+def _known_criterion(name: str) -> str:
+    from gslim.compress.select import CRITERIA  # the one registry of selection criteria
+
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
+    return name
+
+
+class LatencyConfig(_Section):
+    """Where a latency budget is measured; unset values come from the recipe's profile section."""
+
+    backend: Optional[str] = Field(
+        None,
+        description="runtime timed (default: profile.backends[0] if it is an "
+        "ONNX or torch backend, else ort-cpu)",
+    )
+    batch: Optional[int] = Field(None, ge=1, description="batch size timed (default: profile.batch_sizes[0])")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: profile.threads)")
+    precision: Optional[Literal["fp32", "fp16"]] = Field(None, description="default: fp16 when profile.fp16")
+    grid: int = Field(8, ge=2, le=64, description="widths timed per unit for the latency table")
+    table: Optional[str] = Field(
+        None,
+        description="latency table JSON to use and extend (default: the cache "
+        "under ~/.cache/gslim/latency, keyed by device and runtime)",
+    )
+    max_rounds: int = Field(
+        3, ge=1, le=10, description="closed loop: measure, tighten, reselect at most this often"
+    )
+    tolerance: float = Field(
+        0.03,
+        ge=0.0,
+        le=0.5,
+        description="measured latency may exceed the budget by this "
+        "fraction (timing noise) before the loop tightens",
+    )
+    undershoot: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.9,
+        description="a slim model this fraction (or more) under the "
+        "budget is widened in the next round (it gave up accuracy for nothing)",
+    )
+
+    _backend = field_validator("backend")(_known_backend)
+
+
 class CompressConfig(_Section):
-    criterion: Literal["greedy", "greedy-loss", "l1", "bn", "random", "uniform"] = "greedy"
+    criterion: str = "greedy"
     eps: Optional[float] = Field(None, gt=0.0, lt=1.0, description="per-unit relative discrepancy tolerance")
     target_macs: Optional[float] = Field(
         None, gt=0.0, description="fraction (<=1, from '50%') or absolute MACs of the compressed model"
     )
     target_params: Optional[float] = Field(None, gt=0.0)
+    target_latency: Optional[str] = Field(
+        None,
+        description="milliseconds ('2.5ms') or a fraction of the base's measured latency ('50%') on "
+        "compress.latency.backend",
+    )
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    allocation: Optional[Literal["eps", "knapsack"]] = Field(
+        None,
+        description="how widths meet the budget: one error tolerance for all units (eps) or the least "
+        "total error per cost (knapsack); default knapsack for latency budgets, eps otherwise",
+    )
     round_to: int = Field(8, ge=1)
     min_width: int = Field(8, ge=1)
     bn_recalib: bool = True
@@ -122,7 +226,9 @@ class CompressConfig(_Section):
     )
     seed: Optional[int] = None
 
-    _pct = field_validator("target_macs", "target_params", mode="before")(_parse_budget)
+    _pct = field_validator("target_macs", "target_params", mode="before")(parse_budget)
+    _criterion = field_validator("criterion")(_known_criterion)
+    _latency = field_validator("target_latency", mode="before")(_latency_text)
 
     @field_validator("target_macs", "target_params")
     @classmethod
@@ -133,16 +239,24 @@ class CompressConfig(_Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "CompressConfig":
-        given = [n for n in ("eps", "target_macs", "target_params") if getattr(self, n) is not None]
+        given = [
+            n
+            for n in ("eps", "target_macs", "target_params", "target_latency")
+            if getattr(self, n) is not None
+        ]
         if len(given) > 1:
-            raise ValueError(f"give one of eps, target_macs, target_params (got {', '.join(given)})")
+            raise ValueError(
+                f"give one of eps, target_macs, target_params, target_latency (got {', '.join(given)})"
+            )
         if self.round_to > 1 and self.min_width % self.round_to and self.min_width > self.round_to:
             raise ValueError("min_width must be a multiple of round_to")
         return self
 
 
 class ExportConfig(_Section):
-    opset: Optional[int] = Field(None, ge=11, le=23, description="ONNX opset; <=17 uses the TorchScript exporter")
+    opset: Optional[int] = Field(
+        None, ge=11, le=23, description="ONNX opset; <=17 uses the TorchScript exporter"
+    )
     dynamic_batch: bool = True
     fp16_onnx: bool = False
     engine: bool = False
@@ -150,11 +264,11 @@ class ExportConfig(_Section):
     tolerance: float = Field(
         1e-4, gt=0.0, description="FP32 ONNX parity: max |ONNX Runtime - PyTorch|, times max(1, max|logit|)"
     )
-    fp16_tolerance: float = Field(
-        1e-2, gt=0.0, description="FP16 ONNX parity, times max(1, max|logit|)"
-    )
+    fp16_tolerance: float = Field(1e-2, gt=0.0, description="FP16 ONNX parity, times max(1, max|logit|)")
     engine_tolerance: Optional[float] = Field(
-        None, gt=0.0, description="engine vs ONNX Runtime, relative; null = per precision (fp32 1e-3, fp16 2e-2)"
+        None,
+        gt=0.0,
+        description="engine vs ONNX Runtime, relative; null = per precision (fp32 1e-3, fp16 2e-2)",
     )
     parity_images: int = Field(256, ge=1)
     int8: bool = Field(False, description="also write a Q/DQ INT8 ONNX (model.int8.onnx), accuracy-gated")
@@ -178,11 +292,8 @@ class ExportConfig(_Section):
     dla_core: Optional[int] = Field(None, ge=0)
 
 
-BackendName = Literal["torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "trt"]
-
-
 class ProfileConfig(_Section):
-    backends: list[BackendName] = Field(default_factory=lambda: ["torch-cpu", "ort-cpu"])
+    backends: list[str] = Field(default_factory=lambda: ["torch-cpu", "ort-cpu"])
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     threads: int = Field(1, ge=1)
     warmup_s: float = Field(1.0, ge=0.0)
@@ -190,7 +301,11 @@ class ProfileConfig(_Section):
     min_seconds: float = Field(2.0, ge=0.0)
     rounds: int = Field(5, ge=1, description="interleaved rounds: base and compressed alternate")
     fp16: bool = False
-    eval_images: Optional[int] = Field(None, ge=1, description="validation images scored per artifact")
+    eval_images: Optional[int] = Field(
+        None, ge=0, description="validation images scored per artifact (0: latency only, top-1 not measured)"
+    )
+
+    _backends = field_validator("backends")(_known_backends)
 
     @field_validator("batch_sizes")
     @classmethod
@@ -212,8 +327,19 @@ class Recipe(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     sweep: Optional[list[Union[str, float]]] = Field(
-        None, description="extra MACs budgets for the trade-off plot, e.g. ['70%', '30%']"
+        None,
+        description="extra budgets for the trade-off plot, of the main budget's kind: MACs (['70%', '30%']) "
+        "or, with compress.target_latency, latency (['70%', '2.5ms'])",
     )
+
+    @model_validator(mode="after")
+    def _sweep_kind(self) -> "Recipe":
+        for b in self.sweep or []:
+            if self.compress.target_latency is not None:
+                parse_latency(b)
+            else:
+                parse_budget(b)
+        return self
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name

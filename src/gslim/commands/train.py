@@ -2,50 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from gslim.commands.common import (
-    ForceOpt,
-    RecipeArg,
-    SetOpt,
-    ensure_run_dir,
-    environment_info,
-    recipe_from_cli,
-)
+from gslim.commands.common import ForceOpt, RecipeArg, SetOpt, recipe_from_cli
+from gslim.environment import is_main_process
 from gslim.errors import GslimError
-
-RESOLVED_RECIPE = "recipe.resolved.yaml"
-BASE_MODEL = "base.pt"
-
-
-def _is_main_process() -> bool:
-    try:
-        return int(os.environ.get("RANK", "0") or 0) == 0
-    except ValueError:
-        return True
-
-
-def write_resolved_recipe(recipe, path: Path) -> Path:
-    """The recipe as it was run (defaults and overrides applied), as YAML."""
-    import yaml
-
-    from gslim.artifacts import atomic_write
-    from gslim.recipe import recipe_to_dict
-
-    text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def train_command(
     recipe: Optional[Path] = RecipeArg,
     sets: Optional[list[str]] = SetOpt,
     run_dir: Optional[Path] = typer.Option(
-        None, "--run-dir", help="Directory for base.pt, last.pt and the logs (default: the recipe's run_dir, "
-        "else runs/<name>)."
+        None,
+        "--run-dir",
+        help="Directory for base.pt, last.pt and the logs (default: the recipe's run_dir, else runs/<name>).",
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs (train.epochs)."),
     lr: Optional[float] = typer.Option(
@@ -55,7 +28,9 @@ def train_command(
         None, "--batch-size", help="Batch size per process (data.batch_size)."
     ),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (train.device)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from <run-dir>/last.pt."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run from <run-dir>/last.pt."
+    ),
     force: bool = ForceOpt,
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
 ) -> None:
@@ -64,75 +39,51 @@ def train_command(
     Launch with torchrun (e.g. torchrun --standalone --nproc_per_node 4 -m gslim train RECIPE) for
     multi-GPU or multi-node data-parallel training.
     """
-    from gslim.models import ModelSpec, build_model, load_model
-    from gslim.recipe import TrainConfig
-    from gslim.train import check_outputs, fit, seed_everything
+    from gslim.train.stage import train_stage
 
     rec = recipe_from_cli(
-        recipe, sets, run_dir=str(run_dir) if run_dir is not None else None, train__epochs=epochs,
-        train__lr=lr, data__batch_size=batch_size, train__device=device,
+        recipe,
+        sets,
+        run_dir=str(run_dir) if run_dir is not None else None,
+        train__epochs=epochs,
+        train__lr=lr,
+        data__batch_size=batch_size,
+        train__device=device,
     )
-    cfg = rec.train if rec.train is not None else TrainConfig()
-    out_dir = rec.resolved_run_dir()
-    check_outputs(out_dir, force=force, resume=resume, output_name=BASE_MODEL)
-    main = _is_main_process()
-
-    seed_everything(rec.seed)  # the model's initial weights depend on the recipe's seed only
-    m = rec.model
-    weights_file = m.weights is not None and Path(m.weights).is_file()
-    if weights_file:  # a local checkpoint keeps its spec (and channel widths)
-        model, spec = load_model(m.weights, expect_arch=m.arch, num_classes=m.num_classes, input_size=m.input_size)
-        spec = ModelSpec(spec.arch, spec.num_classes, m.input_size, spec.widths, dict(spec.meta))
-    else:
-        model = build_model(m.arch, m.num_classes, m.weights)
-        spec = ModelSpec(m.arch, m.num_classes, m.input_size)
-    spec.meta = {**spec.meta, "recipe": rec.name, "init": m.weights or "random"}
-
-    teacher = None
-    if cfg.distill is not None and cfg.distill.teacher:
-        teacher, _ = load_model(cfg.distill.teacher, num_classes=m.num_classes)
-
-    def record_run(start_epoch: int) -> None:  # rank 0, once the run (or resume) is validated
-        from gslim.artifacts import save_json
-        from gslim.commands.common import resolve_device
-
-        ensure_run_dir(out_dir)
-        write_resolved_recipe(rec, out_dir / RESOLVED_RECIPE)
-        env = environment_info(str(resolve_device(cfg.device)))
-        env.update({"seed": rec.seed, "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),
-                    "command": "train", "resumed_after_epoch": start_epoch})
-        save_json(env, out_dir / "train_env.json")
-
-    result = fit(
-        model, spec, cfg, rec.data, out_dir, seed=rec.seed, teacher=teacher, resume=resume, force=force,
-        output_name=BASE_MODEL, progress=not no_progress, on_start=record_run,
-    )
-    if main:
+    result = train_stage(rec, rec.resolved_run_dir(), resume=resume, force=force, progress=not no_progress)
+    if is_main_process():
         mt = result.metrics
         typer.echo(
-            f"trained {spec.arch} for {result.epochs} epoch(s): val top-1 {mt.get('val_top1', float('nan')):.2f}%"
+            f"trained {rec.model.arch} for {result.epochs} epoch(s): val top-1 {mt.get('val_top1', float('nan')):.2f}%"
             f"  top-5 {mt.get('val_top5', float('nan')):.2f}%  -> {result.final_path}"
         )
 
 
 def evaluate_command(
-    checkpoint: Path = typer.Argument(..., help="A gslim checkpoint (base.pt, slim.pt, finetuned.pt, ...) "
-                                      "or a bare state dict (then the recipe names model.arch)."),
+    checkpoint: Path = typer.Argument(
+        ...,
+        help="A gslim checkpoint (base.pt, slim.pt, finetuned.pt, ...) "
+        "or a bare state dict (then the recipe names model.arch).",
+    ),
     recipe: Optional[Path] = typer.Argument(
-        None, help="Recipe YAML for the validation data. Default: recipe.resolved.yaml next to the "
-        "checkpoint, else the built-in defaults with the checkpoint's architecture."
+        None,
+        help="Recipe YAML for the validation data. Default: recipe.resolved.yaml next to the "
+        "checkpoint, else the built-in defaults with the checkpoint's architecture.",
     ),
     sets: Optional[list[str]] = SetOpt,
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N validation images."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="Score only the first N validation images."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: auto)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
 ) -> None:
     """Print top-1/top-5 accuracy and the mean loss of a checkpoint on the recipe's validation data."""
     from gslim.artifacts import save_json
-    from gslim.commands.common import resolve_device
+    from gslim.environment import resolve_device
     from gslim.models import load_model
     from gslim.train import evaluate_on_recipe
+    from gslim.train.stage import resolved_recipe_of
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise GslimError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -140,21 +91,26 @@ def evaluate_command(
         from gslim.artifacts import check_output_dir
 
         check_output_dir(json_out.parent, "--json directory")
-    recipe_path = recipe
-    if recipe_path is None and (checkpoint.parent / RESOLVED_RECIPE).is_file():
-        recipe_path = checkpoint.parent / RESOLVED_RECIPE
+    recipe_path = recipe if recipe is not None else resolved_recipe_of(checkpoint)
     rec = recipe_from_cli(recipe_path, sets)
     set_keys = {s.split("=", 1)[0].strip() for s in sets or []}
     model_named = recipe_path is not None or any(k.startswith("model.") for k in set_keys)
     if model_named:  # the recipe says which model it expects: a checkpoint of another one is an error
-        model, spec = load_model(checkpoint, expect_arch=rec.model.arch, num_classes=rec.model.num_classes,
-                                 input_size=rec.model.input_size)
+        model, spec = load_model(
+            checkpoint,
+            expect_arch=rec.model.arch,
+            num_classes=rec.model.num_classes,
+            input_size=rec.model.input_size,
+        )
     else:
         model, spec = load_model(checkpoint)
     # Score at the resolution the model was trained for unless --set model.input_size says otherwise.
-    size = rec.model.input_size if "model.input_size" in set_keys else (spec.input_size or rec.model.input_size)
-    rec = recipe_from_cli(recipe_path, sets, model__arch=spec.arch, model__num_classes=spec.num_classes,
-                          model__input_size=size)
+    size = (
+        rec.model.input_size if "model.input_size" in set_keys else (spec.input_size or rec.model.input_size)
+    )
+    rec = recipe_from_cli(
+        recipe_path, sets, model__arch=spec.arch, model__num_classes=spec.num_classes, model__input_size=size
+    )
     dev = resolve_device(device or "auto")
     metrics = evaluate_on_recipe(model, rec, dev, limit=limit, progress=not no_progress)
     typer.echo(
@@ -162,9 +118,18 @@ def evaluate_command(
         f"  ({metrics['images']} images, {spec.arch}, {dev})"
     )
     if json_out is not None:
-        save_json({"checkpoint": str(checkpoint), "arch": spec.arch, "widths": spec.widths,
-                   "input_size": rec.model.input_size, "data": rec.data.kind, "device": str(dev), **metrics},
-                  json_out)
+        save_json(
+            {
+                "checkpoint": str(checkpoint),
+                "arch": spec.arch,
+                "widths": spec.widths,
+                "input_size": rec.model.input_size,
+                "data": rec.data.kind,
+                "device": str(dev),
+                **metrics,
+            },
+            json_out,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -69,17 +69,52 @@ class CostModel:
             if isinstance(mod, nn.Conv2d):
                 kk = mod.kernel_size[0] * mod.kernel_size[1]
                 if name in carries:  # depthwise
-                    self.layers.append(_Layer("dw", carries[name], carries[name], mod.in_channels,
-                                              mod.out_channels, mod.groups, kk, spatial, mod.bias is not None))
+                    self.layers.append(
+                        _Layer(
+                            "dw",
+                            carries[name],
+                            carries[name],
+                            mod.in_channels,
+                            mod.out_channels,
+                            mod.groups,
+                            kk,
+                            spatial,
+                            mod.bias is not None,
+                        )
+                    )
                 else:
-                    self.layers.append(_Layer("conv", reads.get(name), writes.get(name), mod.in_channels,
-                                              mod.out_channels, mod.groups, kk, spatial, mod.bias is not None))
+                    self.layers.append(
+                        _Layer(
+                            "conv",
+                            reads.get(name),
+                            writes.get(name),
+                            mod.in_channels,
+                            mod.out_channels,
+                            mod.groups,
+                            kk,
+                            spatial,
+                            mod.bias is not None,
+                        )
+                    )
             elif isinstance(mod, nn.Linear):
-                self.layers.append(_Layer("linear", reads.get(name), writes.get(name), mod.in_features,
-                                          mod.out_features, 1, 1, 1, mod.bias is not None))
+                self.layers.append(
+                    _Layer(
+                        "linear",
+                        reads.get(name),
+                        writes.get(name),
+                        mod.in_features,
+                        mod.out_features,
+                        1,
+                        1,
+                        1,
+                        mod.bias is not None,
+                    )
+                )
             elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 u = carries.get(name)
-                self.layers.append(_Layer("bn", u, u, mod.num_features, mod.num_features, 1, 1, spatial, True))
+                self.layers.append(
+                    _Layer("bn", u, u, mod.num_features, mod.num_features, 1, 1, spatial, True)
+                )
         base_macs, base_params = count_macs_params(model, input_size)
         self.macs_offset = base_macs - self._macs(self.full)
         self.params_offset = base_params - self._params(self.full)
@@ -108,7 +143,9 @@ class CostModel:
             cin = self._w(widths, ly.in_unit, ly.cin)
             cout = self._w(widths, ly.out_unit, ly.cout)
             if ly.kind == "conv":
-                total += cout * (cin // ly.groups if ly.groups > 1 else cin) * ly.kk + (cout if ly.bias else 0)
+                total += cout * (cin // ly.groups if ly.groups > 1 else cin) * ly.kk + (
+                    cout if ly.bias else 0
+                )
             elif ly.kind == "dw":
                 total += cout * ly.kk + (cout if ly.bias else 0)
             elif ly.kind == "linear":
@@ -124,6 +161,40 @@ class CostModel:
         return self._params(widths) + self.params_offset
 
 
+def width_options(full: int, round_to: int, min_width: int) -> list[int]:
+    """Every width a unit may keep: multiples of ``round_to`` from the floor up, and ``full``."""
+    return sorted(
+        {round_width(k, full, round_to, min_width) for k in range(1, full + 1, max(round_to, 1))} | {full}
+    )
+
+
+def knapsack_widths(
+    cost: CostModel, budget: Budget, curves: dict[str, list[float]], round_to: int, min_width: int
+) -> dict[str, int]:
+    """The least total greedy error (sum over units of the error curve) within the budget
+    (:func:`gslim.compress.allocate.allocate`)."""
+    from gslim.compress.allocate import allocate
+
+    options = {n: width_options(c, round_to, min_width) for n, c in cost.full.items()}
+
+    def error(name: str, k: int) -> float:
+        curve = curves.get(name) or [0.0]
+        # a tie-breaker far below any measured error: where a curve is flat (it reached its floor),
+        # the wider width wins, so the budget is spent instead of left unused
+        return curve[min(k, len(curve)) - 1] + 1e-7 * (1 - k / cost.full[name])
+
+    try:
+        return allocate(options, error, lambda w: budget.measure(cost, w), budget.target)
+    except GslimError as exc:
+        base = budget.measure(cost, cost.full)
+        floor = budget.measure(cost, {n: o[0] for n, o in options.items()})
+        raise GslimError(
+            f"target {budget.metric} {budget.target:,.4g} ({100 * budget.target / base:.1f}% of the model) is "
+            f"unreachable: at the minimum widths the model still has {floor:,.4g} ({100 * floor / base:.1f}%); "
+            "lower compress.min_width or round_to, or raise the target"
+        ) from exc
+
+
 def round_width(k: int, full: int, round_to: int, min_width: int) -> int:
     """Round up to a multiple of ``round_to``; at least ``min_width``; at most ``full``."""
     k = max(k, 1, min(min_width, full))
@@ -134,10 +205,13 @@ def round_width(k: int, full: int, round_to: int, min_width: int) -> int:
 
 @dataclass
 class Budget:
-    metric: str  # "macs" or "params"
-    target: float  # absolute count
+    metric: str  # "macs", "params" or "latency"
+    target: float  # absolute count, or milliseconds
+    predict: Optional[Callable[[dict[str, int]], float]] = None  # latency: the latency model's prediction
 
     def measure(self, cost: CostModel, widths: dict[str, int]) -> float:
+        if self.predict is not None:
+            return self.predict(widths)
         return cost.macs(widths) if self.metric == "macs" else cost.params(widths)
 
 
@@ -150,8 +224,14 @@ def resolve_budget(cost: CostModel, target_macs: Optional[float], target_params:
     return Budget("macs", t * base if t <= 1 else t)
 
 
-def _search(widths_at: Callable[[float], dict[str, int]], budget: Budget, cost: CostModel,
-            lo: float, hi: float, increasing: bool) -> tuple[float, dict[str, int]]:
+def _search(
+    widths_at: Callable[[float], dict[str, int]],
+    budget: Budget,
+    cost: CostModel,
+    lo: float,
+    hi: float,
+    increasing: bool,
+) -> tuple[float, dict[str, int]]:
     """Bisection on a scalar knob so that the cost is at most the budget, as large as possible.
 
     ``increasing``: the cost grows with the knob (a keep ratio); otherwise it shrinks (eps).
@@ -177,8 +257,11 @@ def _search(widths_at: Callable[[float], dict[str, int]], budget: Budget, cost: 
     return good, widths_at(good)
 
 
-def uniform_widths(cost: CostModel, budget: Budget, round_to: int, min_width: int) -> tuple[float, dict[str, int]]:
+def uniform_widths(
+    cost: CostModel, budget: Budget, round_to: int, min_width: int
+) -> tuple[float, dict[str, int]]:
     """The same keep ratio in every unit, as large as the budget allows."""
+
     def at(r: float) -> dict[str, int]:
         return {n: round_width(int(math.ceil(r * c)), c, round_to, min_width) for n, c in cost.full.items()}
 
@@ -186,8 +269,13 @@ def uniform_widths(cost: CostModel, budget: Budget, round_to: int, min_width: in
     return ratio, fill_budget(cost, budget, widths, round_to)
 
 
-def fill_budget(cost: CostModel, budget: Budget, widths: dict[str, int], round_to: int,
-                gain: Optional[Callable[[str, int, int], float]] = None) -> dict[str, int]:
+def fill_budget(
+    cost: CostModel,
+    budget: Budget,
+    widths: dict[str, int],
+    round_to: int,
+    gain: Optional[Callable[[str, int, int], float]] = None,
+) -> dict[str, int]:
     """Spend what rounding left of the budget, one rounding step at a time.
 
     Each round widens the unit with the best ``gain(name, k, k_wider)`` per unit of cost
@@ -218,6 +306,7 @@ def fill_budget(cost: CostModel, budget: Budget, widths: dict[str, int], round_t
 
 def curve_gain(curves: dict[str, list[float]]) -> Callable[[str, int, int], float]:
     """Error reduction of widening a unit from k to k2 channels, read off its greedy curve."""
+
     def gain(name: str, k: int, k2: int) -> float:
         curve = curves[name]
         at = lambda n: curve[n - 1] if n - 1 < len(curve) else (curve[-1] if curve else 0.0)  # noqa: E731
@@ -226,8 +315,9 @@ def curve_gain(curves: dict[str, list[float]]) -> Callable[[str, int, int], floa
     return gain
 
 
-def widths_for_eps(curves: dict[str, list[float]], full: dict[str, int], eps: float,
-                   round_to: int, min_width: int) -> dict[str, int]:
+def widths_for_eps(
+    curves: dict[str, list[float]], full: dict[str, int], eps: float, round_to: int, min_width: int
+) -> dict[str, int]:
     """Per unit, the fewest channels whose relative error is at most eps (then rounded)."""
     out = {}
     for name, curve in curves.items():
@@ -236,13 +326,15 @@ def widths_for_eps(curves: dict[str, list[float]], full: dict[str, int], eps: fl
     return out
 
 
-def eps_widths(cost: CostModel, budget: Budget, curves: dict[str, list[float]], round_to: int,
-               min_width: int) -> tuple[float, dict[str, int]]:
+def eps_widths(
+    cost: CostModel, budget: Budget, curves: dict[str, list[float]], round_to: int, min_width: int
+) -> tuple[float, dict[str, int]]:
     """The smallest eps whose per-unit widths fit the budget (searched on a log scale)."""
+
     def at(log_eps: float) -> dict[str, int]:
-        return widths_for_eps(curves, cost.full, 10.0 ** log_eps, round_to, min_width)
+        return widths_for_eps(curves, cost.full, 10.0**log_eps, round_to, min_width)
 
     log_eps, widths = _search(at, budget, cost, -9.0, 0.0, increasing=False)
     # many units cross a rounding step at once as eps moves: spend the remainder where the
     # curves say one more step lowers the error most per MAC
-    return 10.0 ** log_eps, fill_budget(cost, budget, widths, round_to, curve_gain(curves))
+    return 10.0**log_eps, fill_budget(cost, budget, widths, round_to, curve_gain(curves))

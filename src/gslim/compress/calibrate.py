@@ -26,7 +26,7 @@ from gslim.errors import GslimError
 @dataclass
 class Segment:
     start: int  # index of the cut node it reads (exclusive)
-    end: int    # index of the cut node it returns (inclusive)
+    end: int  # index of the cut node it returns (inclusive)
     module: fx.GraphModule
 
 
@@ -261,7 +261,9 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
     a batch with a single value per channel (BatchNorm1d on one image) uses the running
     statistics instead of failing.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns:
         return
     sums: dict[nn.Module, list] = {m: [None, None, 0] for m in bns}

@@ -33,11 +33,10 @@ class Stats:
 
     G: torch.Tensor  # (F, F)
     B: torch.Tensor  # (F, O)
-    yy: float        # ||Y||^2
-    group: int       # columns per channel
+    yy: float  # ||Y||^2
+    group: int  # columns per channel
     rows: int = 0
     held: Optional["Stats"] = None  # the same sums over rows kept out of the fit
-
 
     @property
     def channels(self) -> int:
@@ -70,18 +69,20 @@ class _GroupOmpState:
         g = self.g
         sl = slice(s * g, (s + 1) * g)
         used = self.V[:, : self.k * g]
-        cols = self.Gr[:, sl] - used @ used[sl].T                      # (F, g)
+        cols = self.Gr[:, sl] - used @ used[sl].T  # (F, g)
         if g == 1:  # scalar Cholesky factor: avoid the triangular solves
             root = float(self.R[s].clamp_min(1e-30).sqrt())
             v, u = cols / root, self.c[sl] / root
         else:
             L = torch.linalg.cholesky(self.R[s])
-            v = torch.linalg.solve_triangular(L, cols.T, upper=False).T     # (F, g)
-            u = torch.linalg.solve_triangular(L, self.c[sl], upper=False)   # (g, O)
+            v = torch.linalg.solve_triangular(L, cols.T, upper=False).T  # (F, g)
+            u = torch.linalg.solve_triangular(L, self.c[sl], upper=False)  # (g, O)
         self.c -= v @ u
         vb = v.view(self.C, g, g)
         self.R -= vb @ vb.transpose(1, 2)
-        self.R[s] = torch.eye(g, dtype=self.R.dtype, device=self.R.device)  # selected: residual is zero; keep solves regular
+        self.R[s] = torch.eye(
+            g, dtype=self.R.dtype, device=self.R.device
+        )  # selected: residual is zero; keep solves regular
         self.V[:, self.k * g : (self.k + 1) * g] = v
         self.k += 1
         self.err -= float(u.pow(2).sum())
@@ -114,13 +115,16 @@ def greedy_select(
         torch.set_num_threads(threads)
 
 
-def _greedy_select(stats: list[Stats], k: Optional[int], eps: Optional[float], ridge: float, min_k: int,
-                   C: int) -> tuple[list[int], list[float]]:
+def _greedy_select(
+    stats: list[Stats], k: Optional[int], eps: Optional[float], ridge: float, min_k: int, C: int
+) -> tuple[list[int], list[float]]:
     limit = C if k is None else min(k, C)
     if k is None:
         # past the point where the selected columns outnumber the rows the fit is exact: the
         # unregularised error cannot fall further, so a full path stops there
-        limit = min(limit, max(1, -(-min(st.rows for st in stats) // stats[0].group)) if stats[0].rows else limit)
+        limit = min(
+            limit, max(1, -(-min(st.rows for st in stats) // stats[0].group)) if stats[0].rows else limit
+        )
     states = [_GroupOmpState(st, ridge, limit) for st in stats]
     total = sum(s.yy for s in states) or 1.0
     chosen: list[int] = []

@@ -25,54 +25,27 @@ on the original network, the others by one uniform keep ratio.
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gslim.compress import budget as budget_mod
 from gslim.compress.calibrate import (
-    Hooks,
-    Segment,
-    StatsAccumulator,
-    build_segments,
-    consumer_rows,
-    cut_points,
-    kernel_group,
     recalibrate_bn,
-    row_fraction,
     split_batches,
-    target_rows,
-    unit_span,
 )
-from gslim.compress.omp import Stats, greedy_select, prediction_error_curve, refit, subset_error
-from gslim.compress.slim import slim_unit
+from gslim.compress.greedy import planning_curves, run_greedy
+from gslim.compress.greedy_loss import run_greedy_loss
+from gslim.compress.ranking import bn_scores, l1_scores, random_scores, ranking, uniform_scores
+from gslim.compress.selection import Criterion, Progress, SelectionRun, UnitReport
 from gslim.compress.units import Unit, UnitGraph, find_units
 from gslim.errors import GslimError
 from gslim.recipe import CompressConfig
 
-PLANNING_FLOOR = 1e-3
-CRITERIA = ("greedy", "greedy-loss", "l1", "bn", "random", "uniform")
-Progress = Optional[Callable[[str, int, int], None]]  # (unit name, done, total)
-
-
-@dataclass
-class UnitReport:
-    name: str
-    kind: str
-    width: int
-    kept: int
-    order: list[int]  # kept channel indices, in the order they were selected (greedy) or ranked
-    rel_error: Optional[float] = None  # consumer discrepancy after selection + re-fit, on held-out rows
-    consumers: list[str] = field(default_factory=list)
-    fit_error: Optional[float] = None  # the same on the rows the re-fit was computed from
-    consumer_errors: dict[str, float] = field(default_factory=dict)  # held-out, per consumer
-    refit: Optional[str] = None  # "least-squares", "original" (slicing beat the re-fit held out) or "mixed"
-    warnings: list[str] = field(default_factory=list)
+__all__ = ["CRITERIA", "CompressionResult", "Criterion", "SelectionRun", "UnitReport", "compress_model"]
 
 
 @dataclass
@@ -87,6 +60,7 @@ class CompressionResult:
     budget: Optional[dict]
     seconds: float
     calib_images: int
+    curves: Optional[dict[str, list[float]]] = None  # the planning curves (reusable by a later round)
 
     def to_json(self) -> dict:
         return {
@@ -112,15 +86,24 @@ def compress_model(
     seed: int = 0,
     batch_size: int = 64,
     progress: Progress = None,
+    latency: Optional["LatencyRequest"] = None,  # noqa: F821 - gslim.compress.latency, imported lazily
+    curves: Optional[dict[str, list[float]]] = None,
 ) -> CompressionResult:
-    """Select channels with ``cfg.criterion`` and return a physically slimmed copy of ``model``."""
+    """Select channels with ``cfg.criterion`` and return a physically slimmed copy of ``model``.
+
+    A latency budget (``cfg.target_latency``) needs ``latency``: where to measure and the target
+    in predicted milliseconds (:func:`gslim.compress.stage.compress_stage` runs the closed loop
+    around this). ``curves`` are planning curves of an earlier call on the same model and
+    calibration images (they are not measured again).
+    """
     t0 = time.perf_counter()
-    if cfg.criterion not in CRITERIA:
+    criterion = CRITERIA.get(cfg.criterion)
+    if criterion is None:
         raise GslimError(f"unknown criterion {cfg.criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if cfg.eps is not None and cfg.criterion != "greedy":
+    if cfg.eps is not None and not criterion.plans_from_curves:
         raise GslimError("compress.eps applies to the greedy criterion; use target_macs/target_params")
-    if cfg.criterion == "greedy-loss" and calib_y is None:
-        raise GslimError("greedy-loss needs labelled calibration images")
+    if criterion.needs_labels and calib_y is None:
+        raise GslimError(f"{criterion.name} needs labelled calibration images")
     seed = cfg.seed if cfg.seed is not None else seed
     gen = torch.Generator().manual_seed(seed)
     original = model.eval()
@@ -136,433 +119,113 @@ def compress_model(
     eps, ratio, budget_info = cfg.eps, None, None
     if cfg.eps is None:
         cost = budget_mod.CostModel(work, graph, input_size, units)
-        budget = budget_mod.resolve_budget(cost, cfg.target_macs, cfg.target_params)
-        if cfg.criterion == "greedy":
-            curves = _planning_curves(original, graph, units, batches, cfg, gen)
-            eps, widths = budget_mod.eps_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
+        budget, lat_model = _budget(cfg, cost, latency, work, graph, units, input_size)
+        allocation = cfg.allocation or ("knapsack" if budget.metric == "latency" else "eps")
+        if criterion.plans_from_curves:
+            curves = curves or planning_curves(original, graph, units, batches, cfg, gen)
+            if allocation == "knapsack":
+                widths = budget_mod.knapsack_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
+                eps = None
+            else:
+                eps, widths = budget_mod.eps_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
         else:
+            allocation = "uniform"
             ratio, widths = budget_mod.uniform_widths(cost, budget, cfg.round_to, cfg.min_width)
         base = budget.measure(cost, cost.full)
-        budget_info = {"metric": budget.metric, "target": budget.target, "target_fraction": budget.target / base,
-                       "planned": budget.measure(cost, widths), "planned_fraction": budget.measure(cost, widths) / base}
+        budget_info = {
+            "metric": budget.metric,
+            "target": budget.target,
+            "target_fraction": budget.target / base,
+            "planned": budget.measure(cost, widths),
+            "planned_fraction": budget.measure(cost, widths) / base,
+            "allocation": allocation,
+        }
+        if lat_model is not None:
+            budget_info["latency"] = {
+                "predicted_ms": lat_model.predict(widths),
+                "full_ms": lat_model.full_ms,
+                "model": lat_model.describe(),
+            }
 
-    if cfg.criterion == "greedy":
-        reports = _run_greedy(original, work, graph, units, batches, cfg, widths, gen, progress)
-    elif cfg.criterion == "greedy-loss":
-        reports = _run_greedy_loss(work, graph, units, batches, calib_y, cfg, widths, gen, progress)
-    else:
-        reports = _run_ranking(work, units, cfg.criterion, widths, gen, progress)
+    run = SelectionRun(original, work, graph, units, batches, calib_y, cfg, widths, gen, progress)
+    reports = criterion.select(run)
 
     if cfg.bn_recalib:
         recalibrate_bn(work, batches)
     narrowed = {u.name: u.width for u in units if u.width < full[u.name]}
     return CompressionResult(
-        model=work.eval(), widths=narrowed, units=reports, skipped=graph.skipped, criterion=cfg.criterion,
-        eps=eps, keep_ratio=ratio, budget=budget_info, seconds=time.perf_counter() - t0,
+        model=work.eval(),
+        widths=narrowed,
+        units=reports,
+        skipped=graph.skipped,
+        criterion=criterion.name,
+        eps=eps,
+        keep_ratio=ratio,
+        budget=budget_info,
+        seconds=time.perf_counter() - t0,
         calib_images=int(calib_x.shape[0]),
+        curves=curves,
     )
 
 
-# ---------------------------------------------------------------------------------------
-# greedy (OMP with re-fit)
-
-
-def _max_rows(cfg: CompressConfig, mod: nn.Module, channels: int) -> int:
-    # enough positions for a well-posed fit (16 per unknown), capped for speed
-    return min(cfg.max_positions, max(16 * channels * kernel_group(mod), 4096))
-
-
-# Below this many fitted rows per unknown (a consumer's kept channels times its kernel
-# positions) a least-squares re-fit is under-determined: in-sample it reads ~0, held out it
-# does not. The unit's report carries a warning; the held-out error decides what is kept.
-MIN_ROWS_PER_UNKNOWN = 2.0
-
-
-def _planning_curves(original: nn.Module, graph: UnitGraph, units: list[Unit], batches: list[torch.Tensor],
-                     cfg: CompressConfig, gen: torch.Generator) -> dict[str, list[float]]:
-    """Per-unit error-vs-width curves on the original network, from one pass over the data.
-
-    They only allocate the budget across units (through eps); the channels themselves are
-    chosen afterwards on the progressively pruned network. The in-sample greedy path is
-    corrected to an estimate of the error on new rows (:func:`prediction_error_curve`), so a
-    unit with few rows per unknown does not look free to cut.
-    """
-    mods = dict(original.named_modules())
-    accs: dict[tuple[str, str], StatsAccumulator] = {}
-    captured: dict[str, torch.Tensor] = {}
-    n_images = sum(b.shape[0] for b in batches)
-    with Hooks() as hooks:
-        for u in units:
-            for c in u.consumers:
-                mod = mods[c]
-
-                def pre(m, args, c=c):
-                    captured[c] = args[0]
-
-                def post(m, args, out, c=c, u=u):
-                    key = (u.name, c)
-                    if key not in accs:
-                        frac = row_fraction(m, out.shape, n_images, _max_rows(cfg, m, u.width))
-                        accs[key] = StatsAccumulator(frac, gen, holdout=0.0)
-                    # taken inside the hook: an in-place op after the consumer cannot reach it
-                    accs[key].add_all(consumer_rows(m, captured.pop(c)), target_rows(m, out))
-
-                hooks.pre(mod, pre)
-                hooks.post(mod, post)
-        with torch.no_grad():
-            for x in batches:
-                original(x)
-    curves = {}
-    for u in units:
-        stats = [accs[(u.name, c)].result(kernel_group(mods[c])) for c in u.consumers]
-        # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
-        _, path = greedy_select(stats, eps=PLANNING_FLOOR, ridge=cfg.ridge)
-        curves[u.name] = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
-    return curves
-
-
-def _segments_for(graph: UnitGraph, units: list[Unit], root: nn.Module) -> list[Segment]:
-    spans = [unit_span(u, graph.node_index, graph.consumer_node) for u in units]
-    return build_segments(graph.traced, cut_points(graph.traced, spans), root)
-
-
-class _Selection:
-    """Bookkeeping shared by the units of one greedy run."""
-
-    def __init__(self, original: nn.Module, work: nn.Module, cfg: CompressConfig, gen: torch.Generator,
-                 n_images: int):
-        self.omods, self.wmods = dict(original.named_modules()), dict(work.named_modules())
-        self.work, self.cfg, self.gen, self.n_images = work, cfg, gen, n_images
-        # original output channels that each sliced producer still has: a consumer whose rows
-        # an earlier unit cut is fitted to the matching rows of the original output
-        self.kept_rows: dict[str, torch.Tensor] = {}
-
-    def hooks(self, hooks: Hooks, u: Unit, readers: list[str], accs: dict[str, StatsAccumulator],
-              const: frozenset[str] = frozenset()) -> None:
-        """Hooks that fill ``accs[reader]``: targets from the original network's reader (run
-        first on each batch), features from the pruned network's (run second), the same rows
-        sampled from both. Readers in ``const`` get a constant column (an intercept)."""
-        pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def post(m, args, out, c):
-            rows = target_rows(m, out)
-            if c in self.kept_rows:
-                rows = rows[:, self.kept_rows[c]]
-            if c not in accs:
-                accs[c] = StatsAccumulator(
-                    row_fraction(m, out.shape, self.n_images, _max_rows(self.cfg, m, u.width)), self.gen)
-            pick = accs[c].draw(rows.shape[0])
-            pending[c] = (pick, rows[pick])
-
-        def pre(m, args, c):
-            pick, Y = pending.pop(c)
-            X = consumer_rows(m, args[0])[pick]
-            if c in const:
-                X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
-            accs[c].add(X, Y)
-
-        for c in readers:
-            hooks.post(self.omods[c], lambda m, a, o, c=c: post(m, a, o, c))
-            hooks.pre(self.wmods[c], lambda m, a, c=c: pre(m, a, c))
-
-
-def _run_greedy(original: nn.Module, work: nn.Module, graph: UnitGraph, units: list[Unit],
-                batches: list[torch.Tensor], cfg: CompressConfig, widths: Optional[dict[str, int]],
-                gen: torch.Generator, progress: Progress) -> list[UnitReport]:
-    internal = [u for u in units if u.kind == "internal"]
-    residual = [u for u in units if u.kind == "residual"]
-    orig_segs = _segments_for(graph, internal, original)
-    work_segs = _segments_for(graph, internal, work)
-    by_segment: dict[int, list[Unit]] = {}
-    for u in internal:
-        end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
-        s = next(i for i, seg in enumerate(work_segs) if seg.start < end <= seg.end)
-        by_segment.setdefault(s, []).append(u)
-    sel = _Selection(original, work, cfg, gen, sum(b.shape[0] for b in batches))
-    reports: list[UnitReport] = []
-    done = 0
-    orig_act, work_act = list(batches), list(batches)
-    with torch.no_grad():
-        for s, (oseg, wseg) in enumerate(zip(orig_segs, work_segs)):
-            def run(orig_act=orig_act, work_act=work_act, oseg=oseg, wseg=wseg):
-                for xo, xw in zip(orig_act, work_act):
-                    oseg.module(xo)
-                    wseg.module(xw)
-
-            for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
-                k = widths.get(u.name, u.width) if widths is not None else None
-                reports.append(_select_unit(sel, u, k, run))
-                done += 1
-                if progress:
-                    progress(u.name, done, len(units))
-            orig_act = [oseg.module(x) for x in orig_act]
-            work_act = [wseg.module(x) for x in work_act]
-    if residual:
-        def run_whole():
-            for x in batches:
-                original(x)
-                work(x)
-
-        for u in residual:
-            k = widths.get(u.name, u.width) if widths is not None else None
-            reports.append(_select_unit(sel, u, k, run_whole))
-            done += 1
-            if progress:
-                progress(u.name, done, len(units))
-    return reports
-
-
-def _collect(sel: _Selection, u: Unit, readers: list[str], run: Callable[[], None],
-             const: frozenset[str] = frozenset()) -> dict[str, Stats]:
-    accs: dict[str, StatsAccumulator] = {}
-    with Hooks() as hooks:
-        sel.hooks(hooks, u, readers, accs, const)
-        run()
-    return {c: accs[c].result(1 if c in const else kernel_group(sel.wmods[c])) for c in readers}
-
-
-@torch.no_grad()
-def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], None]) -> UnitReport:
-    """Select ``u``'s channels on statistics from one pass of ``run``, slim it, and re-fit its
-    consumers (and an SE squeeze conv that reads it) to the original network's outputs."""
-    cfg = sel.cfg
-    width = u.width
-    squeeze = [c for c in u.inner_readers if _is_pointwise(sel.wmods[c])]
-    const = frozenset(c for c in squeeze if sel.wmods[c].bias is not None)
-    collected = _collect(sel, u, u.consumers + squeeze, run, const)
-    stats = [collected[c] for c in u.consumers]
-    if k is not None and k >= width:
-        order = list(range(width))
-    else:
-        order, _ = greedy_select(stats, k=k, eps=cfg.eps if k is None else None, ridge=cfg.ridge)
-        if k is None:  # eps-driven: round the count up, adding the next greedy choices
-            kr = budget_mod.round_width(len(order), width, cfg.round_to, cfg.min_width)
-            if kr > len(order):
-                order, _ = greedy_select(stats, k=kr, ridge=cfg.ridge)
-    keep = sorted(order)
-    if squeeze:
-        # slice everything, refit the squeeze so the gates match the original network's, then
-        # fit the consumers on the gates the slim model really computes (a second pass)
-        slim_unit(sel.work, u, keep, consumers=True)
-        for c in squeeze:
-            _refit_squeeze(sel, c, collected[c], keep, c in const)
-        collected = _collect(sel, u, u.consumers, run)
-        stats = [collected[c] for c in u.consumers]
-        fit_keep = list(range(len(keep)))
-    else:
-        slim_unit(sel.work, u, keep, consumers=False)
-        fit_keep = keep
-    report = UnitReport(u.name, u.kind, width, len(keep), [int(i) for i in order], consumers=list(u.consumers))
-    _refit_consumers(sel, u, stats, keep, fit_keep, report)
-    for name in u.producers + u.gate_producers:
-        prev = sel.kept_rows.get(name, torch.arange(width))
-        sel.kept_rows[name] = prev[torch.as_tensor(keep, dtype=torch.long)]
-    return report
-
-
-def _is_pointwise(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and kernel_group(mod) == 1 and mod.groups == 1)
-
-
-def _regression_weights(mod: nn.Module, cols: list[int]) -> torch.Tensor:
-    """The layer's current weights for input channels ``cols`` in the regression layout
-    (channels*k*k x out), as :func:`consumer_rows` lays out the features."""
-    w = mod.weight.detach().double()
-    w = w[:, torch.as_tensor(cols, dtype=torch.long)]
-    return w.reshape(w.shape[0], -1).T
-
-
-def _install(mod: nn.Module, W: torch.Tensor, n_in: int) -> None:
-    if isinstance(mod, nn.Linear):
-        w = W.T
-        mod.in_features = n_in
-    else:
-        kh, kw = mod.kernel_size
-        w = W.T.reshape(W.shape[1], n_in, kh, kw)
-        mod.in_channels = n_in
-    mod.weight = nn.Parameter(w.to(mod.weight.dtype).contiguous(), requires_grad=mod.weight.requires_grad)
-
-
-def _refit_consumers(sel: _Selection, u: Unit, stats: list[Stats], keep: list[int], fit_keep: list[int],
-                     report: UnitReport) -> None:
-    """Least-squares consumer weights on the fitted rows; kept only where they beat the
-    current weights (sliced) on the held-out rows."""
-    cfg = sel.cfg
-    fit_num = held_num = fit_den = held_den = 0.0
-    kinds = set()
-    for c, st in zip(u.consumers, stats):
-        mod = sel.wmods[c]
-        W, fit_err = refit(st, fit_keep, ridge=cfg.ridge)
-        chosen, kind = W, "least-squares"
-        held_err = None
-        if st.held is not None:
-            held_err = subset_error(st.held, fit_keep, W)
-            W0 = _regression_weights(mod, fit_keep)  # the consumer's weights, sliced
-            held0 = subset_error(st.held, fit_keep, W0)
-            if held0 < held_err:
-                chosen, kind, held_err = W0, "original", held0
-                fit_err = subset_error(st, fit_keep, W0)
-        kinds.add(kind)
-        _install(mod, chosen, len(keep))
-        unknowns = len(keep) * st.group
-        if st.rows < MIN_ROWS_PER_UNKNOWN * unknowns:
-            report.warnings.append(
-                f"{c}: {st.rows / unknowns:.2f} rows per unknown ({st.rows} rows, {unknowns} unknowns): the re-fit "
-                "is under-determined; more calibration images (data.calib_images) would make it reliable")
-        err = held_err if held_err is not None else fit_err
-        report.consumer_errors[c] = float(err)
-        fit_num += fit_err * st.yy
-        fit_den += st.yy
-        if st.held is not None:
-            held_num += err * st.held.yy
-            held_den += st.held.yy
-    report.fit_error = float(fit_num / (fit_den or 1.0))
-    report.rel_error = float(held_num / held_den) if held_den else report.fit_error
-    report.refit = "least-squares" if kinds == {"least-squares"} else ("original" if kinds == {"original"} else "mixed")
-
-
-def _refit_squeeze(sel: _Selection, name: str, st: Stats, keep: list[int], intercept: bool) -> None:
-    """Re-fit an SE squeeze conv on the kept channels (plus its bias, when it has one) so it
-    reproduces the original squeeze output; kept only where it beats slicing on held-out rows."""
-    mod = sel.wmods[name]
-    C = st.channels - (1 if intercept else 0)
-    cols = keep + ([C] if intercept else [])
-    W, _ = refit(st, cols, ridge=sel.cfg.ridge)
-    if st.held is not None:
-        w0 = mod.weight.detach().double().reshape(mod.weight.shape[0], -1).T  # already sliced: (k, O)
-        W0 = torch.cat([w0, w0.new_zeros(1, w0.shape[1])]) if intercept else w0
-        if subset_error(st.held, cols, W0) < subset_error(st.held, cols, W):
-            return
-    with torch.no_grad():
-        if intercept:
-            mod.bias.add_(W[-1].to(mod.bias.dtype))
-            W = W[:-1]
-        _install(mod, W, len(keep))
+def _budget(
+    cfg: CompressConfig,
+    cost: "budget_mod.CostModel",
+    latency,
+    work: nn.Module,
+    graph: UnitGraph,
+    units: list[Unit],
+    input_size: int,
+):
+    """The budget to plan against (and the latency model behind a latency budget)."""
+    if cfg.target_latency is None:
+        return budget_mod.resolve_budget(cost, cfg.target_macs, cfg.target_params), None
+    if latency is None:
+        raise GslimError(
+            "a latency budget needs a latency backend to measure on: compress with "
+            "gslim.compress.stage.compress_stage (gslim compress), which sets one up"
+        )
+    model = latency.model_for(work, graph, units, input_size, cfg.round_to, cfg.min_width)
+    return budget_mod.Budget("latency", latency.target_ms, model.predict), model
 
 
 # ---------------------------------------------------------------------------------------
-# greedy-loss (ICML 2020): forward selection on the network's loss
-
-
-def _run_greedy_loss(work: nn.Module, graph: UnitGraph, units: list[Unit], batches: list[torch.Tensor],
-                     labels: torch.Tensor, cfg: CompressConfig, widths: dict[str, int],
-                     gen: torch.Generator, progress: Progress) -> list[UnitReport]:
-    if any(u.kind == "residual" for u in units):
-        raise GslimError("greedy-loss selects block-internal channels only; set compress.prune_residual: false")
-    segs = _segments_for(graph, units, work)
-    wmods = dict(work.named_modules())
-    by_segment: dict[int, list[Unit]] = {}
-    for u in units:
-        end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
-        s = next(i for i, seg in enumerate(segs) if seg.start < end <= seg.end)
-        by_segment.setdefault(s, []).append(u)
-    reports, done = [], 0
-    # every calibration image's activation at the current segment input: each greedy step
-    # scores its candidates on a fresh mini-batch drawn from them, as the ICML algorithm does
-    # (a fixed mini-batch would be fitted, not generalised from)
-    act = torch.cat(batches)
-    with torch.no_grad():
-        for s, seg in enumerate(segs):
-            for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
-                width = u.width
-                k = widths.get(u.name, width)
-                if k < width:
-                    order = _loss_forward_selection(u, k, act, labels, segs[s:], wmods, cfg, gen)
-                    slim_unit(work, u, sorted(order))
-                else:
-                    order = list(range(width))
-                reports.append(UnitReport(u.name, u.kind, width, len(order), [int(i) for i in order], None,
-                                          list(u.consumers)))
-                done += 1
-                if progress:
-                    progress(u.name, done, len(units))
-            act = torch.cat([seg.module(a) for a in act.split(256)])
-    return reports
-
-
-def _loss_forward_selection(u: Unit, k: int, x: torch.Tensor, y: torch.Tensor, rest: list[Segment],
-                            wmods: dict[str, nn.Module], cfg: CompressConfig, gen: torch.Generator) -> list[int]:
-    C = u.width
-    selected: list[int] = []
-    mask_state = {"masks": None}
-
-    def masked_input(m, args):
-        masks = mask_state["masks"]  # (n_cand, C)
-        inp = args[0]
-        nc = masks.shape[0]
-        shaped = inp.view(nc, -1, *inp.shape[1:])
-        view = [nc, 1, C] + [1] * (inp.dim() - 2)
-        return (shaped * masks.view(view)).view_as(inp)
-
-    sample = cfg.loss_candidates or max(1, math.ceil(C / k * math.log(100.0)))
-    batch = min(cfg.loss_batch, x.shape[0])
-    # candidates scored in one batched forward, sized by the activation they replicate
-    # (~32M floats of segment input: 64 candidates at 32 px, 1 at 224 px instead of gigabytes)
-    per_forward = max(1, min(4096 // batch, (1 << 25) // max(1, batch * x[0].numel())))
-    x_all, y_all = x, y
-    with Hooks() as hooks:
-        for c in u.readers:
-            hooks.pre(wmods[c], masked_input)
-        base = torch.zeros(C)
-        while len(selected) < k:
-            pick = torch.randperm(x_all.shape[0], generator=gen)[:batch]
-            x, y = x_all[pick], y_all[pick]
-            remaining = torch.tensor([j for j in range(C) if j not in set(selected)])
-            if sample < remaining.numel():
-                remaining = remaining[torch.randperm(remaining.numel(), generator=gen)[:sample]]
-            best_j, best_loss = None, float("inf")
-            for chunk in remaining.split(per_forward):
-                masks = base.repeat(chunk.numel(), 1)
-                masks[torch.arange(chunk.numel()), chunk] = 1.0
-                mask_state["masks"] = masks
-                h = x.repeat(chunk.numel(), *[1] * (x.dim() - 1))
-                for seg in rest:
-                    h = seg.module(h)
-                losses = F.cross_entropy(h, y.repeat(chunk.numel()), reduction="none").view(chunk.numel(), -1)
-                mean = losses.mean(1)
-                i = int(torch.argmin(mean))
-                if float(mean[i]) < best_loss:
-                    best_loss, best_j = float(mean[i]), int(chunk[i])
-            selected.append(best_j)
-            base[best_j] = 1.0
-    return selected
 
 
 # ---------------------------------------------------------------------------------------
-# ranking baselines
+# the registry of criteria
 
 
-def _scores(work: nn.Module, u: Unit, criterion: str, gen: torch.Generator) -> torch.Tensor:
-    device = next(work.parameters()).device
-    if criterion == "l1":
-        total = torch.zeros(u.width, device=device)
-        for p in u.producers:
-            w = work.get_submodule(p).weight.detach()
-            total += w.abs().reshape(w.shape[0], -1).sum(1)
-        return total
-    if criterion == "bn":
-        total = torch.zeros(u.width, device=device)
-        bns = [m for m in u.members if isinstance(work.get_submodule(m), nn.modules.batchnorm._BatchNorm)]
-        if not bns:  # e.g. a classifier's hidden Linear: no BN scale exists, rank by magnitude
-            return _scores(work, u, "l1", gen)
-        for m in bns:
-            total += work.get_submodule(m).weight.detach().abs()
-        return total
-    if criterion == "random":
-        return torch.rand(u.width, generator=gen).to(device)
-    return -torch.arange(u.width, dtype=torch.float32, device=device)  # uniform: keep the first channels
+def _greedy(run: SelectionRun) -> list[UnitReport]:
+    return run_greedy(
+        run.original, run.work, run.graph, run.units, run.batches, run.cfg, run.widths, run.gen, run.progress
+    )
 
 
-def _run_ranking(work: nn.Module, units: list[Unit], criterion: str, widths: dict[str, int],
-                 gen: torch.Generator, progress: Progress) -> list[UnitReport]:
-    reports = []
-    for i, u in enumerate(units):
-        width = u.width
-        k = widths.get(u.name, width)
-        order = torch.argsort(_scores(work, u, criterion, gen), descending=True, stable=True)[:k].tolist()
-        if k < width:
-            slim_unit(work, u, sorted(order))
-        reports.append(UnitReport(u.name, u.kind, width, k, [int(j) for j in order], None, list(u.consumers)))
-        if progress:
-            progress(u.name, i + 1, len(units))
-    return reports
+def _greedy_loss(run: SelectionRun) -> list[UnitReport]:
+    return run_greedy_loss(
+        run.work, run.graph, run.units, run.batches, run.labels, run.cfg, run.widths, run.gen, run.progress
+    )
+
+
+CRITERIA: dict[str, Criterion] = {
+    c.name: c
+    for c in (
+        Criterion(
+            "greedy",
+            _greedy,
+            plans_from_curves=True,
+            description="forward selection of channels that reconstruct each consumer's output, with re-fit",
+        ),
+        Criterion(
+            "greedy-loss",
+            _greedy_loss,
+            needs_labels=True,
+            description="forward selection that minimises the training loss (Ye et al., ICML 2020)",
+        ),
+        Criterion("l1", ranking(l1_scores), description="largest filter L1 norms"),
+        Criterion("bn", ranking(bn_scores), description="largest BatchNorm scales"),
+        Criterion("random", ranking(random_scores), description="random channels (a control)"),
+        Criterion("uniform", ranking(uniform_scores), description="the first channels (a control)"),
+    )
+}

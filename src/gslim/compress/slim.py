@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from gslim.compress.units import Unit, find_units
+from gslim.compress.units import Unit
 from gslim.errors import GslimError
 
 
@@ -78,29 +78,6 @@ def slim_unit(model: nn.Module, unit: Unit, keep: torch.Tensor | list[int], cons
     for name in unit.inner_readers + (unit.consumers if consumers else []):
         _cut_inputs(model.get_submodule(name), idx)
     unit.width = int(idx.numel())
-
-
-def apply_widths(model: nn.Module, widths: dict[str, int], input_size: int) -> nn.Module:
-    """Re-create a compressed architecture: keep the first ``widths[unit]`` channels of each unit.
-
-    Used when loading a checkpoint: the weights that follow replace every value, so only
-    the shapes matter here.
-    """
-    graph = find_units(model, input_size, include_residual=True)
-    by_name = {u.name: u for u in graph.units}
-    unknown = [n for n in widths if n not in by_name]
-    if unknown:
-        raise GslimError(
-            f"checkpoint widths name unit {unknown[0]!r}, which this architecture does not have "
-            "(another architecture or torchvision version?)"
-        )
-    for name, k in widths.items():
-        unit = by_name[name]
-        if not 1 <= k <= unit.width:
-            raise GslimError(f"checkpoint width {k} for unit {name} is outside 1..{unit.width}")
-        if k < unit.width:
-            slim_unit(model, unit, torch.arange(k))
-    return model
 
 
 def masked_copy(model: nn.Module, keeps: list[tuple[Unit, list[int] | torch.Tensor]]) -> nn.Module:

@@ -181,13 +181,13 @@ def int8_accuracy(
     """INT8 ONNX (ONNX Runtime CPU) against the FP32 PyTorch model on labelled images: top-1 of
     both, the drop in points and the top-1 agreement. ``passed`` is False (with ``error``) when
     the drop exceeds ``max_top1_drop`` points."""
-    from gslim.export.parity import OrtRunner, batch_plan, run_plan, torch_logits
+    from gslim.export.parity import batch_plan, ort_cpu, run_plan, torch_logits
 
     images = images.detach().cpu().float().contiguous()
     labels = labels.detach().cpu().long()
     reference = torch_logits(model, images)
-    with OrtRunner(Path(int8_onnx), threads=threads) as runner:
-        plan = batch_plan(images.shape[0], 32, runner.static_batch)
+    with ort_cpu(int8_onnx, threads) as runner:
+        plan = batch_plan(images.shape[0], 32, runner.fixed_batch)
         rows, outputs, sizes = run_plan(runner.infer, images, plan)
     # the dynamic-batch plan repeats some images at batch 1 and 8: score each image once
     rows = np.asarray(rows)

@@ -16,10 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
-import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -27,8 +23,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from gslim.artifacts import writable_parent
-from gslim.errors import GslimError, MissingDependencyError
+from gslim.artifacts import staged_file
+from gslim.errors import GslimError, MissingDependencyError, first_line
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -40,19 +36,10 @@ MIN_OPSET, MAX_OPSET = 11, 23
 EXTERNAL_DATA_BYTES = 2**31 - 2**27
 FP16_INSTALL_HINT = "pip install onnxconverter-common (or pip install 'gslim[fp16]')"
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
 
 def exporter_for(opset: Optional[int]) -> str:
     """'torchscript' for opset <= 17, else 'dynamo' (None means the dynamo exporter's default)."""
     return "torchscript" if opset is not None and opset <= TORCHSCRIPT_MAX_OPSET else "dynamo"
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an exception message, without colour codes."""
-    text = _ANSI.sub("", str(exc)).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def export_onnx(
@@ -65,6 +52,7 @@ def export_onnx(
     batch: int = 1,
     simplify: Optional[bool] = None,
     channels: int = 3,
+    atomic: bool = True,
 ) -> Path:
     """Export ``model`` to ``path`` with input ``input`` (N, C, S, S) and output ``logits``.
 
@@ -72,7 +60,8 @@ def export_onnx(
     batch is fixed at ``batch``. ``opset`` None uses the dynamo exporter's default opset,
     <= 17 the TorchScript exporter. ``simplify`` runs onnxslim: None = when it is installed,
     True = required, False = never. Raises :class:`GslimError` with the exporter's first
-    line when the model cannot be expressed at the requested opset.
+    line when the model cannot be expressed at the requested opset. ``atomic=False`` writes
+    ``path`` directly, for a caller that already stages it (:class:`gslim.artifacts.Transaction`).
     """
     _check_args(input_size, opset, batch)
     dest = Path(path)
@@ -91,8 +80,7 @@ def export_onnx(
         ) from exc
     big = weight_bytes(m) > EXTERNAL_DATA_BYTES
 
-    with _staging_dir(dest) as stage:
-        tmp = stage / dest.name
+    with staged_file(dest) if atomic else contextlib.nullcontext(dest) as tmp:
         try:
             with _quiet():
                 if exporter == "torchscript":
@@ -111,7 +99,6 @@ def export_onnx(
         if not tmp.is_file():
             raise GslimError(f"ONNX export wrote no file for {dest}")
         _finish(tmp, simplify, big)
-        _commit(stage, dest)
     return dest
 
 
@@ -163,11 +150,9 @@ def convert_fp16(onnx_path: Path, out_path: Path) -> Path:
     except Exception as exc:  # noqa: BLE001
         raise GslimError(f"FP16 conversion of {src} failed: {first_line(exc)}") from exc
     big = sum(len(t.raw_data) for t in model16.graph.initializer) > EXTERNAL_DATA_BYTES
-    with _staging_dir(dest) as stage:
-        tmp = stage / dest.name
+    with staged_file(dest) as tmp:
         _save_proto(model16, tmp, big)
         _finish(tmp, simplify=False, big=big)
-        _commit(stage, dest)
     return dest
 
 
@@ -301,35 +286,6 @@ def _save_proto(model, path: Path, big: bool) -> None:
         )
     else:
         onnx.save_model(model, str(path))
-
-
-@contextlib.contextmanager
-def _staging_dir(dest: Path) -> Iterator[Path]:
-    parent = writable_parent(dest)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _commit(stage: Path, dest: Path) -> None:
-    """Move external data (if any) first, the model file last, each with an atomic rename."""
-    model_tmp = stage / dest.name
-    try:
-        for f in sorted(stage.iterdir()):
-            if f != model_tmp:
-                _fsync(f)
-                os.replace(f, dest.parent / f.name)
-        _fsync(model_tmp)
-        os.replace(model_tmp, dest)
-    except OSError as exc:
-        raise GslimError(f"could not write {dest}: {exc.strerror or exc}") from exc
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager

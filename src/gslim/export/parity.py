@@ -1,7 +1,7 @@
 """Numerical parity of exported artifacts: ONNX Runtime vs PyTorch, with explicit tolerances.
 
-A runner (ONNX Runtime here, TensorRT in :mod:`gslim.export.tensorrt`) is a context manager
-with ``infer(batch) -> logits``, so sessions and device memory are always released. The
+A runner (a backend of :mod:`gslim.runtime`: ONNX Runtime CPU here, TensorRT in
+:mod:`gslim.export.tensorrt`) is a context manager with ``infer(batch) -> logits``, so sessions and device memory are always released. The
 comparison is the same for every artifact: max and mean absolute difference of the logits,
 top-1 agreement, and the largest reference logit (the scale relative tolerances use).
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -36,56 +36,13 @@ FP16_TOLERANCE = 1e-2
 CHECK_BATCHES = (1, 8)
 
 
-class OrtRunner:
-    """ONNX Runtime session as a context manager: ``with OrtRunner(p) as r: r.infer(x)``."""
+def ort_cpu(path: Path, threads: Optional[int] = None):
+    """The ONNX Runtime CPU backend of the runtime layer (:mod:`gslim.runtime`) for a check:
+    ``with ort_cpu(p) as r: r.infer(x)``; ``threads`` defaults to torch's intra-op setting."""
+    from gslim.runtime import BackendOptions, OrtCPU
+    from gslim.runtime.base import host_threads
 
-    def __init__(
-        self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: Optional[int] = None
-    ):
-        self.path = Path(path)
-        self.providers = list(providers)
-        self.threads = threads
-        self._session = None
-        self.input_name = self.output_name = ""
-        self.static_batch: Optional[int] = None
-
-    def __enter__(self) -> "OrtRunner":
-        import onnxruntime as ort
-
-        if not self.path.is_file():
-            raise GslimError(f"ONNX file not found: {self.path}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise GslimError(f"ONNX Runtime cannot load {self.path}: {_first_line(exc)}") from exc
-        ins, outs = self._session.get_inputs(), self._session.get_outputs()
-        if len(ins) != 1 or len(outs) != 1:
-            raise GslimError(
-                f"{self.path} must have one input and one output (has {len(ins)} and {len(outs)})"
-            )
-        self.input_name, self.output_name = ins[0].name, outs[0].name
-        b = ins[0].shape[0] if ins[0].shape else None
-        self.static_batch = b if isinstance(b, int) else None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._session = None
-
-    def infer(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        if self._session is None:
-            raise RuntimeError("OrtRunner.infer called outside its 'with' block")
-        arr = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
-        try:
-            out = self._session.run([self.output_name], {self.input_name: np.ascontiguousarray(arr)})[0]
-        except Exception as exc:  # noqa: BLE001
-            raise GslimError(
-                f"ONNX Runtime failed on {self.path.name} (batch {arr.shape[0]}): {_first_line(exc)}"
-            ) from exc
-        return np.asarray(out, dtype=np.float32)
+    return OrtCPU(Path(path), BackendOptions(threads=threads or host_threads(), fit_batches=False))
 
 
 def compare(reference: np.ndarray, output: np.ndarray) -> dict:
@@ -197,8 +154,8 @@ def onnx_parity(
         raise GslimError(f"parity tolerance must be positive, got {tolerance}")
     images = images.detach().cpu().float().contiguous()
     reference = torch_logits(model, images, batch_size)
-    with OrtRunner(Path(onnx_path), threads=threads) as runner:
-        plan = batch_plan(images.shape[0], batch_size, runner.static_batch)
+    with ort_cpu(onnx_path, threads) as runner:
+        plan = batch_plan(images.shape[0], batch_size, runner.fixed_batch)
         rows, outputs, sizes = run_plan(runner.infer, images, plan)
     stats = compare(reference[rows], outputs)
     return finish_report(
@@ -287,9 +244,3 @@ def failure_message(report: dict, label: str) -> str:
         f"{report['min_top1_agreement']:.0%} (max diff {report['max_abs_diff']:.2e}, "
         f"over {report['images']} images)"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    from gslim.export.onnx import first_line
-
-    return first_line(exc)

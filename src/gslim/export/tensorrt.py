@@ -25,17 +25,15 @@ fast FP16 (``platform_has_fast_fp16``), on 11.x the network parsed must carry FP
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from gslim.artifacts import atomic_write
+from gslim.artifacts import Transaction, atomic_write
 from gslim.errors import GslimError, MissingDependencyError
+from gslim.runtime.tensorrt import check_dla_support, trt_logger
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = (
@@ -59,14 +57,6 @@ def import_tensorrt():
     except OSError as exc:  # the wheel is there but its shared libraries are not loadable
         raise MissingDependencyError(f"TensorRT cannot load its libraries ({exc}): {INSTALL_HINT}") from exc
     return trt
-
-
-def tensorrt_available() -> bool:
-    try:
-        import_tensorrt()
-    except MissingDependencyError:
-        return False
-    return True
 
 
 def trt_major(trt=None) -> int:
@@ -100,62 +90,6 @@ def _device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name(torch.cuda.current_device())
-
-
-_LOGGERS: dict[int, Any] = {}
-
-
-def _logger(trt):
-    """gslim's one capturing ILogger for this TensorRT module: keeps errors (for one-line
-    messages) and the first warnings.
-
-    TensorRT keeps the logger of the first builder or runtime a process creates and hands it
-    every later one's messages too, so gslim uses a single instance everywhere (builds, the
-    parity runner, the profiler): then its own errors always reach it. INFO and VERBOSE
-    messages return at once, before any string work. Errors are read per operation through
-    :meth:`mark` / ``first_error(since=...)``.
-    """
-    key = id(trt)
-    if key in _LOGGERS:
-        return _LOGGERS[key]
-
-    class _CaptureLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
-            self._error = int(trt.ILogger.Severity.ERROR)
-            self._warning = int(trt.ILogger.Severity.WARNING)
-
-        def log(self, severity, msg) -> None:
-            sev = int(severity)
-            if sev > self._warning:  # INFO, VERBOSE
-                return
-            if sev <= self._error:
-                self.errors.append(str(msg).strip())
-                del self.errors[:-50]
-            elif len(self.warnings) < 20:
-                self.warnings.append(str(msg).strip())
-
-        def mark(self) -> int:
-            return len(self.errors)
-
-        def first_error(self, default: str, since: int = 0) -> str:
-            for err in self.errors[since:]:
-                line = next((ln.strip() for ln in err.splitlines() if ln.strip()), "")
-                if line:
-                    return line
-            return f"{default} (TensorRT reported no error text to gslim's logger)"
-
-    _LOGGERS[key] = _CaptureLogger()
-    return _LOGGERS[key]
-
-
-def bind_address(context, name: str, ptr: int) -> None:
-    """``set_tensor_address``, whose False return (wrong name, misaligned pointer) would
-    otherwise leave the engine reading or writing a stale buffer."""
-    if not context.set_tensor_address(name, int(ptr)):
-        raise GslimError(f"TensorRT refused the device address of tensor {name!r}")
 
 
 # --------------------------------------------------------------------------- build
@@ -199,7 +133,6 @@ def build_engine(
     if dla_core is not None and precision == "fp32":
         raise GslimError("DLA runs FP16 or INT8 only: pass --precision fp16 or int8 with --dla-core")
 
-
     info: dict[str, Any] = {
         "path": str(engine_path),
         "tensorrt": str(trt.__version__),
@@ -209,49 +142,20 @@ def build_engine(
         "optimization_level": optimization_level,
         "dla_core": dla_core,
     }
-    logger = _logger(trt)
+    logger = trt_logger(trt)
     since = logger.mark()
-    with _scratch_dir(engine_path) as scratch:
-        source = onnx_path
+    with Transaction() as tx:
+        scratch = tx.scratch(engine_path)
         builder = trt.Builder(logger)
         config = builder.create_builder_config()
-        strongly_typed = False
-        if precision == "int8":
-            source = _qdq_source(onnx_path, int8_onnx)
-            network, strongly_typed = _qdq_network(trt, builder, major)
-            mode = "strongly-typed Q/DQ ONNX"
-        elif major >= 11:
-            # Strongly typed always (the STRONGLY_TYPED creation flag is deprecated and ignored).
-            source, mode = _typed_source_v11(precision, onnx_path, fp16_onnx, scratch)
-            network = builder.create_network(0)
-        else:
-            network = builder.create_network(0)
-            mode = None  # decided after parsing, when the network is known
+        network, source, mode, strongly_typed = _network_for(
+            trt, builder, major, precision, onnx_path, fp16_onnx, int8_onnx, scratch
+        )
         info["onnx"] = str(source) if scratch not in source.parents else f"{source.name} (temporary)"
-
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(source)):
-            errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-            first = errors[0].splitlines()[0] if errors else logger.first_error("unknown parser error", since)
-            raise GslimError(f"TensorRT cannot parse {source.name}: {first}")
-        if network.num_inputs != 1 or network.num_outputs != 1:
-            raise GslimError(f"{source.name} must have one input and one output for gslim's engine builder")
-        inp = network.get_input(0)
-        shape = tuple(int(d) for d in inp.shape)
-        info["input"] = {"name": inp.name, "shape": list(shape)}
-
-        if shape[0] == -1:
-            profile = builder.create_optimization_profile()
-            dims = shape[1:]
-            profile.set_shape(inp.name, (min_batch, *dims), (opt_batch, *dims), (max_batch, *dims))
-            config.add_optimization_profile(profile)
-            info["profile"] = {"min": min_batch, "opt": opt_batch, "max": max_batch}
-        else:
-            info["profile"] = {"static_batch": shape[0]}
-
+        _parse(trt, network, logger, since, source)
+        info.update(_add_batch_profile(builder, config, network, min_batch, opt_batch, max_batch))
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
         config.builder_optimization_level = int(optimization_level)
-
         if major >= 11 or strongly_typed:
             if precision == "fp16" and not _network_has_half(trt, network):
                 raise GslimError(
@@ -263,33 +167,87 @@ def build_engine(
             config.clear_flag(trt.BuilderFlag.TF32)  # "fp32" means FP32 math, not TF32 tensor cores
         info["mode"] = mode
         info["tf32"] = bool(tf32) if precision == "fp32" else None
-
         if dla_core is not None:
             _configure_dla(trt, builder, config, dla_core)
-
         cache_loaded = _load_timing_cache(config, timing_cache)
         info["timing_cache"] = {"path": str(timing_cache), "reused": cache_loaded} if timing_cache else None
-
-        start = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config)
-        info["build_s"] = round(time.perf_counter() - start, 2)
-        if serialized is None:
-            raise GslimError(
-                f"TensorRT could not build the engine: {logger.first_error('see the TensorRT log', since)}"
-            )
-        data = bytes(memoryview(serialized))
-        atomic_write(engine_path, lambda tmp: tmp.write_bytes(data))
-        info["bytes"] = len(data)
-        if timing_cache is not None:
-            cache = config.get_timing_cache()
-            if cache is not None:
-                blob = bytes(memoryview(cache.serialize()))
-                atomic_write(Path(timing_cache), lambda tmp: tmp.write_bytes(blob))
+        info.update(_build_and_write(builder, network, config, logger, since, engine_path, timing_cache))
     info["warnings"] = logger.warnings[:5]
     return info
 
 
-def _typed_source_v11(precision: str, onnx_path: Path, fp16_onnx: Optional[Path], scratch: Path) -> tuple[Path, str]:
+def _network_for(
+    trt,
+    builder,
+    major: int,
+    precision: str,
+    onnx_path: Path,
+    fp16_onnx: Optional[Path],
+    int8_onnx: Optional[Path],
+    scratch: Path,
+) -> tuple[Any, Path, Optional[str], bool]:
+    """The empty network to parse into, the ONNX to parse, the precision mode (None: decided after
+    parsing, on a weakly typed network) and whether the network is strongly typed."""
+    if precision == "int8":
+        network, strongly_typed = _qdq_network(trt, builder, major)
+        return network, _qdq_source(onnx_path, int8_onnx), "strongly-typed Q/DQ ONNX", strongly_typed
+    if major >= 11:
+        # Strongly typed always (the STRONGLY_TYPED creation flag is deprecated and ignored).
+        source, mode = _typed_source_v11(precision, onnx_path, fp16_onnx, scratch)
+        return builder.create_network(0), source, mode, False
+    return builder.create_network(0), onnx_path, None, False
+
+
+def _parse(trt, network, logger, since: int, source: Path) -> None:
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source)):
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        first = errors[0].splitlines()[0] if errors else logger.first_error("unknown parser error", since)
+        raise GslimError(f"TensorRT cannot parse {source.name}: {first}")
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise GslimError(f"{source.name} must have one input and one output for gslim's engine builder")
+
+
+def _add_batch_profile(builder, config, network, min_batch: int, opt_batch: int, max_batch: int) -> dict:
+    """An optimization profile for a dynamic batch axis; a static batch needs none."""
+    inp = network.get_input(0)
+    shape = tuple(int(d) for d in inp.shape)
+    out: dict[str, Any] = {"input": {"name": inp.name, "shape": list(shape)}}
+    if shape[0] == -1:
+        profile = builder.create_optimization_profile()
+        dims = shape[1:]
+        profile.set_shape(inp.name, (min_batch, *dims), (opt_batch, *dims), (max_batch, *dims))
+        config.add_optimization_profile(profile)
+        out["profile"] = {"min": min_batch, "opt": opt_batch, "max": max_batch}
+    else:
+        out["profile"] = {"static_batch": shape[0]}
+    return out
+
+
+def _build_and_write(
+    builder, network, config, logger, since: int, engine_path: Path, timing_cache: Optional[Path]
+) -> dict:
+    """Build, write the engine atomically, and write back the updated timing cache."""
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_s = round(time.perf_counter() - start, 2)
+    if serialized is None:
+        raise GslimError(
+            f"TensorRT could not build the engine: {logger.first_error('see the TensorRT log', since)}"
+        )
+    data = bytes(memoryview(serialized))
+    atomic_write(engine_path, lambda tmp: tmp.write_bytes(data))
+    if timing_cache is not None:
+        cache = config.get_timing_cache()
+        if cache is not None:
+            blob = bytes(memoryview(cache.serialize()))
+            atomic_write(Path(timing_cache), lambda tmp: tmp.write_bytes(blob))
+    return {"build_s": build_s, "bytes": len(data)}
+
+
+def _typed_source_v11(
+    precision: str, onnx_path: Path, fp16_onnx: Optional[Path], scratch: Path
+) -> tuple[Path, str]:
     """The ONNX that carries an FP32/FP16 precision on TensorRT >= 11 (strong typing)."""
     from gslim.export.onnx import convert_fp16, has_float16
 
@@ -353,14 +311,6 @@ def _configure_precision_weak(trt, builder, config, precision: str) -> str:
     return "weakly-typed, BuilderFlag.FP16"
 
 
-def check_dla_support(major: int, dla_core: Optional[int]) -> None:
-    """DLA exists on TensorRT 10.x (JetPack 6); TensorRT 11 releases do not support it
-    (TensorRT 11.3 developer guide, "Strongly Typed Networks for DLA": "DLA is not supported in
-    TensorRT 11.3.0 ... DLA was also not supported in TensorRT 11.0, 11.1, or 11.2")."""
-    if dla_core is not None and major >= 11:
-        raise GslimError(f"--dla-core needs TensorRT 10.x (JetPack): TensorRT {major}.x does not support DLA")
-
-
 def _configure_dla(trt, builder, config, dla_core: int) -> None:
     cores = int(getattr(builder, "num_DLA_cores", 0))
     if dla_core >= cores:
@@ -384,129 +334,15 @@ def _load_timing_cache(config, path: Optional[Path]) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _scratch_dir(near: Path) -> Iterator[Path]:
-    parent = near.parent if str(near.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix=f".{near.name}.", suffix=".scratch", dir=parent))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- run
 
 
-class TrtRunner:
-    """A deserialized engine as a context manager: ``with TrtRunner(p) as r: r.infer(x)``.
+def TrtRunner(engine_path: Path, *, dla_core: Optional[int] = None):  # noqa: N802 - reads like the class it gives
+    """The runtime layer's TensorRT backend as a parity runner: every batch must fit the engine's
+    profile (no splitting), ``with TrtRunner(p) as r: r.infer(x)``."""
+    from gslim.runtime import BackendOptions, TensorRT
 
-    Input and output live in torch CUDA tensors whose ``data_ptr()`` is handed to
-    ``set_tensor_address``; ``execute_async_v3`` runs on a private CUDA stream.
-    """
-
-    def __init__(self, engine_path: Path, *, dla_core: Optional[int] = None):
-        self.path = Path(engine_path)
-        self.dla_core = dla_core
-        self.input_name = self.output_name = ""
-        self.static_batch: Optional[int] = None
-        self.min_batch, self.opt_batch, self.max_batch = 1, 1, 1
-        self._engine = self._context = self._runtime = self._stream = None
-
-    def __enter__(self) -> "TrtRunner":
-        trt, _ = require_engine_support()
-        import torch
-
-        if not self.path.is_file():
-            raise GslimError(f"engine not found: {self.path}")
-        self._trt = trt
-        self._logger = _logger(trt)
-        since = self._logger.mark()
-        check_dla_support(trt_major(trt), self.dla_core)
-        self._runtime = trt.Runtime(self._logger)
-        if self.dla_core is not None:
-            self._runtime.DLA_core = int(self.dla_core)
-        self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self._engine is None:
-            raise GslimError(
-                f"TensorRT cannot load {self.path}: "
-                + self._logger.first_error("built by another TensorRT or GPU?", since)
-            )
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
-            raise GslimError(f"TensorRT could not create an execution context for {self.path}")
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        ins = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(ins) != 1 or len(outs) != 1:
-            raise GslimError(
-                f"{self.path} must have one input and one output (has {len(ins)} and {len(outs)})"
-            )
-        self.input_name, self.output_name = ins[0], outs[0]
-        shape = tuple(int(d) for d in self._engine.get_tensor_shape(self.input_name))
-        if shape[0] == -1:
-            mn, opt, mx = self._engine.get_tensor_profile_shape(self.input_name, 0)
-            self.min_batch, self.opt_batch, self.max_batch = int(mn[0]), int(opt[0]), int(mx[0])
-        else:
-            self.static_batch = self.min_batch = self.opt_batch = self.max_batch = shape[0]
-        self._in_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self.input_name))
-        self._out_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self.output_name))
-        self._stream = torch.cuda.Stream()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
-        self._context = None
-        self._engine = None
-        self._runtime = None
-        self._stream = None
-
-    def infer(self, x) -> np.ndarray:
-        import torch
-
-        if self._context is None:
-            raise RuntimeError("TrtRunner.infer called outside its 'with' block")
-        b = int(x.shape[0])
-        if not self.min_batch <= b <= self.max_batch:
-            raise GslimError(
-                f"batch {b} is outside the engine's profile [{self.min_batch}, {self.max_batch}]"
-            )
-        with torch.cuda.stream(self._stream):
-            inp = torch.as_tensor(x).to("cuda", dtype=self._in_dtype, non_blocking=False).contiguous()
-            if not self._context.set_input_shape(self.input_name, tuple(inp.shape)):
-                raise GslimError(f"the engine rejects input shape {tuple(inp.shape)}")
-            out_shape = tuple(int(d) for d in self._context.get_tensor_shape(self.output_name))
-            out = torch.empty(out_shape, dtype=self._out_dtype, device="cuda")
-            bind_address(self._context, self.input_name, inp.data_ptr())
-            bind_address(self._context, self.output_name, out.data_ptr())
-            since = self._logger.mark()
-            if not self._context.execute_async_v3(self._stream.cuda_stream):
-                raise GslimError(
-                    "TensorRT execution failed: "
-                    + self._logger.first_error("execute_async_v3 returned False", since)
-                )
-        self._stream.synchronize()
-        return out.float().cpu().numpy()
-
-
-def _torch_dtype(trt, dtype):
-    import torch
-
-    table = {
-        "FLOAT": torch.float32,
-        "HALF": torch.float16,
-        "BF16": torch.bfloat16,
-        "INT8": torch.int8,
-        "INT32": torch.int32,
-        "INT64": torch.int64,
-        "BOOL": torch.bool,
-        "UINT8": torch.uint8,
-    }
-    for name, td in table.items():
-        if hasattr(trt.DataType, name) and dtype == getattr(trt.DataType, name):
-            return td
-    raise GslimError(f"unsupported engine I/O data type {dtype}")
+    return TensorRT(Path(engine_path), BackendOptions(dla_core=dla_core, fit_batches=False))
 
 
 def engine_parity(
@@ -526,24 +362,25 @@ def engine_parity(
     ``tolerance`` is relative to max(1, max|logit|), default per precision
     (:data:`ENGINE_TOLERANCES`); ``min_top1`` gates top-1 agreement (default 0.9 for INT8).
     """
-    from gslim.export.parity import OrtRunner, batch_plan, compare, finish_report, run_plan
+    from gslim.export.parity import batch_plan, compare, finish_report, ort_cpu, run_plan
 
     if precision not in PRECISIONS:
         raise GslimError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     tol = ENGINE_TOLERANCES[precision] if tolerance is None else tolerance
     top1 = ENGINE_MIN_TOP1[precision] if min_top1 is None else min_top1
     images = images.detach().cpu().float().contiguous()
-    with TrtRunner(Path(engine_path), dla_core=dla_core) as trt_runner:
+    require_engine_support()
+    with TrtRunner(engine_path, dla_core=dla_core) as trt_runner:
         plan = batch_plan(
             images.shape[0],
             batch_size or trt_runner.opt_batch,
-            trt_runner.static_batch,
+            trt_runner.fixed_batch,
             max_batch=trt_runner.max_batch,
             min_batch=trt_runner.min_batch,
         )
         rows, outputs, sizes = run_plan(trt_runner.infer, images, plan)
-    with OrtRunner(Path(onnx_path)) as ort_runner:
-        ref_plan = batch_plan(images.shape[0], 32, ort_runner.static_batch, check_batches=())
+    with ort_cpu(onnx_path) as ort_runner:
+        ref_plan = batch_plan(images.shape[0], 32, ort_runner.fixed_batch, check_batches=())
         ref_rows, ref_out, _ = run_plan(ort_runner.infer, images, ref_plan)
     reference = np.empty((images.shape[0], ref_out.shape[1]), dtype=np.float32)
     reference[ref_rows] = ref_out

@@ -1,11 +1,14 @@
 """Latency and accuracy profiling of base and compressed models across runtimes.
 
-- :mod:`gslim.profiling.backends`: one small base class (activate → infer → deactivate, a
-  context manager) and one class per runtime (PyTorch CPU/CUDA, ONNX Runtime CPU/CUDA/TensorRT
-  EP, TensorRT engines). Runtimes are imported lazily; unavailable ones say why.
+- :mod:`gslim.profiling.stage`: the profile stage (``gslim profile``, ``gslim run``);
+- :mod:`gslim.profiling.artifacts`: files grouped into the models a profile compares;
 - :mod:`gslim.profiling.measure`: time-based warm-up, interleaved rounds of timed runs, pure
   statistics (median, percentiles, CV, throughput, speedup) and top-1 scoring.
-- :mod:`gslim.profiling.report`: ``report.json``, ``report.md`` and ``tradeoff.png``.
+- :mod:`gslim.profiling.report`: ``report.json``, ``report.md`` and ``tradeoff.png``;
+- :mod:`gslim.profiling.gpu_context`: clocks, power and driver recorded with GPU numbers.
+
+The runtimes themselves (one class per runtime, imported lazily) are :mod:`gslim.runtime`, a
+layer below: parity checks and the latency model use them too.
 
 Importing this package is cheap: no torch, onnxruntime or TensorRT until a backend is used.
 """
@@ -40,8 +43,11 @@ class ArtifactSet:
         return Path(p) if p is not None else None
 
     def files(self) -> dict[str, Path]:
-        return {k: Path(v) for k, v in (("pt", self.checkpoint), ("onnx", self.onnx),
-                                        ("engine", self.engine)) if v is not None}
+        return {
+            k: Path(v)
+            for k, v in (("pt", self.checkpoint), ("onnx", self.onnx), ("engine", self.engine))
+            if v is not None
+        }
 
 
 __all__ = ["ArtifactSet", "ROLES"]

@@ -25,8 +25,16 @@ from typing import Any, Callable, Optional
 Runner = Callable[[list[str]], Optional[str]]
 
 SMI_FIELDS = (
-    "name", "driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
-    "clocks.applications.graphics", "power.limit", "power.draw", "persistence_mode",
+    "name",
+    "driver_version",
+    "clocks.sm",
+    "clocks.max.sm",
+    "clocks.mem",
+    "clocks.max.mem",
+    "clocks.applications.graphics",
+    "power.limit",
+    "power.draw",
+    "persistence_mode",
     "clocks_event_reasons.active",
 )
 
@@ -50,13 +58,29 @@ def _number(text: str) -> Optional[float]:
 def nvidia_smi(device_id: int = 0, run: Runner = run_command) -> dict[str, Any]:
     """Clocks, power and throttle state of one GPU from ``nvidia-smi --query-gpu``."""
     fields = SMI_FIELDS
-    out = run(["nvidia-smi", f"--id={device_id}", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"])
+    out = run(
+        [
+            "nvidia-smi",
+            f"--id={device_id}",
+            f"--query-gpu={','.join(fields)}",
+            "--format=csv,noheader,nounits",
+        ]
+    )
     if out is None:  # drivers before R535 name the throttle reasons differently
         fields = tuple(f.replace("clocks_event_reasons", "clocks_throttle_reasons") for f in SMI_FIELDS)
-        out = run(["nvidia-smi", f"--id={device_id}", f"--query-gpu={','.join(fields)}",
-                   "--format=csv,noheader,nounits"])
+        out = run(
+            [
+                "nvidia-smi",
+                f"--id={device_id}",
+                f"--query-gpu={','.join(fields)}",
+                "--format=csv,noheader,nounits",
+            ]
+        )
     if not out or not out.strip():
-        return {"available": False, "notes": ["nvidia-smi did not answer (not installed, or no NVIDIA driver)"]}
+        return {
+            "available": False,
+            "notes": ["nvidia-smi did not answer (not installed, or no NVIDIA driver)"],
+        }
     values = [v.strip() for v in out.strip().splitlines()[0].split(",")]
     if len(values) != len(SMI_FIELDS):
         return {"available": False, "notes": [f"unexpected nvidia-smi output: {out.strip()[:120]}"]}
@@ -83,7 +107,8 @@ def nvidia_smi(device_id: int = 0, run: Runner = run_command) -> dict[str, Any]:
         info["notes"].append(
             "GPU clocks are not locked at their maximum (sm "
             f"{sm} of {sm_max} MHz): latency varies with boost; lock them for stable numbers "
-            "(sudo nvidia-smi -lgc MAX,MAX, or jetson_clocks on a Jetson)")
+            "(sudo nvidia-smi -lgc MAX,MAX, or jetson_clocks on a Jetson)"
+        )
     return info
 
 
@@ -103,7 +128,9 @@ def jetson_state(run: Runner = run_command, root: Path = Path("/")) -> Optional[
     if mode is None:
         state["notes"].append("nvpmodel -q did not answer: the power mode is unknown")
     if clocks is None:
-        state["notes"].append("jetson_clocks --show did not answer (it needs root): the clock state is unknown")
+        state["notes"].append(
+            "jetson_clocks --show did not answer (it needs root): the clock state is unknown"
+        )
     return state
 
 

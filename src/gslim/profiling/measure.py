@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
+from gslim.errors import GslimError
+
 CV_WARN = 0.10  # coefficient of variation above which a measurement is flagged as noisy
 
 Clock = Callable[[], float]
@@ -51,8 +53,9 @@ class MeasureSettings:
     @classmethod
     def from_profile(cls, cfg: Any) -> "MeasureSettings":
         """From a :class:`gslim.recipe.ProfileConfig`."""
-        return cls(warmup_s=cfg.warmup_s, min_iters=cfg.min_iters, min_seconds=cfg.min_seconds,
-                   rounds=cfg.rounds)
+        return cls(
+            warmup_s=cfg.warmup_s, min_iters=cfg.min_iters, min_seconds=cfg.min_seconds, rounds=cfg.rounds
+        )
 
     def per_round(self) -> tuple[int, float]:
         """Iterations and seconds each model gets in each round (their sums reach the minimums)."""
@@ -251,5 +254,5 @@ def top1_accuracy(
         if on_batch is not None:
             on_batch(len(labels))
     if seen == 0:
-        raise ValueError("no images were scored")
+        raise GslimError("no images were scored (the validation set is empty)")
     return correct / seen, seen

@@ -1,6 +1,6 @@
 """The profile report: ``report.json``, ``report.md`` and ``tradeoff.png``.
 
-Everything here works from the plain report dict that :func:`gslim.commands.profile.profile_stage`
+Everything here works from the plain report dict that :func:`gslim.profiling.stage.profile_stage`
 builds (the content of ``report.json``), so a report can be re-rendered from its JSON. All
 files are written atomically.
 """
@@ -98,8 +98,10 @@ def reference_top1(report: dict[str, Any], label: str) -> tuple[Optional[float],
 
 def _device_line(report: dict[str, Any]) -> str:
     env = report.get("environment", {})
-    parts = [f"CPU {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores visible), "
-             f"{report.get('settings', {}).get('threads', '?')} thread(s) for CPU backends"]
+    parts = [
+        f"CPU {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores visible), "
+        f"{report.get('settings', {}).get('threads', '?')} thread(s) for CPU backends"
+    ]
     if env.get("gpu"):
         gpu = f"GPU {env['gpu']}"
         if env.get("driver"):
@@ -133,21 +135,35 @@ def render_markdown(report: dict[str, Any]) -> str:
         "flagged ⚠."
     )
     n_img = report.get("eval_images")
-    lines.append(f"- **Accuracy:** top-1 on {n_img if n_img is not None else '?'} validation images "
-                 f"({report.get('data', '?')}), scored through each backend.")
+    if report.get("data") is None and not n_img:
+        lines.append(
+            "- **Accuracy:** not measured (no recipe named labelled validation data; pass --recipe)."
+        )
+    else:
+        lines.append(
+            f"- **Accuracy:** top-1 on {n_img if n_img is not None else '?'} validation images "
+            f"({report.get('data', '?')}), scored through each backend."
+        )
     lines.append("")
 
-    lines += ["## Artifacts", "",
-              "| label | role | arch | MACs | params | files | top-1 | notes |",
-              "|---|---|---|---:|---:|---|---:|---|"]
+    lines += [
+        "## Artifacts",
+        "",
+        "| label | role | arch | MACs | params | files | top-1 | notes |",
+        "|---|---|---|---:|---:|---|---:|---|",
+    ]
     for a in report.get("artifacts", []):
-        files = ", ".join(f"{Path(p).name} ({fmt_bytes(a.get('file_sizes', {}).get(k))})"
-                          for k, p in a.get("files", {}).items())
+        files = ", ".join(
+            f"{Path(p).name} ({fmt_bytes(a.get('file_sizes', {}).get(k))})"
+            for k, p in a.get("files", {}).items()
+        )
         top1, src = reference_top1(report, a["label"])
         top1_txt = f"{fmt_pct(top1)} ({src})" if top1 is not None else "—"
         extra = ", ".join(f"{k}={v}" for k, v in (a.get("extra") or {}).items())
-        lines.append(f"| {a['label']} | {a['role']} | {a.get('arch') or '—'} | {fmt_count(a.get('macs'))} | "
-                     f"{fmt_count(a.get('params'))} | {files} | {top1_txt} | {extra} |")
+        lines.append(
+            f"| {a['label']} | {a['role']} | {a.get('arch') or '—'} | {fmt_count(a.get('macs'))} | "
+            f"{fmt_count(a.get('params'))} | {files} | {top1_txt} | {extra} |"
+        )
     lines.append("")
 
     lines += ["## Latency", ""]
@@ -155,45 +171,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if not groups:
         lines += ["Nothing was measured (see Skipped below).", ""]
     for (backend, batch), rows in groups.items():
-        first = rows[0]
-        gpu = first.get("e2e_ms") is not None
-        kind = "device compute" if gpu else "host wall clock"
-        lines.append(f"### {backend} · batch {batch} ({first.get('precision', '?')}, {kind})")
-        lines.append("")
-        head = "| artifact | role | median ms | p90 ms | p99 ms | CV | img/s | speedup vs base |"
-        rule = "|---|---|---:|---:|---:|---:|---:|---:|"
-        if gpu:
-            head += " e2e median ms | e2e speedup |"
-            rule += "---:|---:|"
-        head += " top-1 |"
-        rule += "---:|"
-        lines += [head, rule]
-        for r in rows:
-            lat = r["latency_ms"]
-            cv = f"{lat['cv']:.3f}" + (" ⚠" if r.get("noisy") else "")
-            row = (f"| {r['label']} | {r['role']} | {fmt_ms(lat['median_ms'])} | {fmt_ms(lat['p90_ms'])} | "
-                   f"{fmt_ms(lat['p99_ms'])} | {cv} | {lat['throughput']:.1f} | "
-                   f"{'1.00× (base)' if r['role'] == 'base' else fmt_speedup(r)} |")
-            if gpu:
-                e2e = r.get("e2e_ms") or {}
-                se = r.get("speedup_e2e")
-                row += f" {fmt_ms(e2e.get('median_ms'))} | {'—' if se is None else f'{se:.2f}×'} |"
-            row += f" {fmt_pct(top1_of(report, backend, r['label']))} |"
-            lines.append(row)
-        notes = sorted({n for r in rows for n in r.get("notes", [])})
-        dev = first.get("device", {})
-        dev_txt = dev.get("gpu") or dev.get("cpu") or "?"
-        if dev.get("kind") == "cpu":
-            dev_txt += f", {dev.get('threads')} thread(s)"
-        elif dev.get("driver"):
-            dev_txt += f", driver {dev['driver']}"
-        runtime = first.get("runtime", {})
-        lines.append("")
-        lines.append(f"Device: {dev_txt}; runtime: {runtime.get('name')} {runtime.get('version')}"
-                     + (f" ({', '.join(runtime['providers'])})" if runtime.get("providers") else "") + ".")
-        for n in notes:
-            lines.append(f"Note: {n}")
-        lines.append("")
+        lines += _latency_panel(report, backend, batch, rows)
 
     lines += render_skipped(report)
     if report.get("warnings"):
@@ -208,6 +186,56 @@ def render_markdown(report: dict[str, Any]) -> str:
     if "plot" in paths:
         lines += [f"![accuracy vs latency]({Path(paths['plot']).name})", ""]
     return "\n".join(lines)
+
+
+def _latency_panel(report: dict[str, Any], backend: str, batch: int, rows: list[dict[str, Any]]) -> list[str]:
+    """One backend and batch: the timing table, the device and the runtime."""
+    lines: list[str] = []
+    first = rows[0]
+    gpu = first.get("e2e_ms") is not None
+    kind = "device compute" if gpu else "host wall clock"
+    lines.append(f"### {backend} · batch {batch} ({first.get('precision', '?')}, {kind})")
+    lines.append("")
+    head = "| artifact | role | median ms | p90 ms | p99 ms | CV | img/s | speedup vs base |"
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|"
+    if gpu:
+        head += " e2e median ms | e2e speedup |"
+        rule += "---:|---:|"
+    head += " top-1 |"
+    rule += "---:|"
+    lines += [head, rule]
+    for r in rows:
+        lat = r["latency_ms"]
+        cv = f"{lat['cv']:.3f}" + (" ⚠" if r.get("noisy") else "")
+        row = (
+            f"| {r['label']} | {r['role']} | {fmt_ms(lat['median_ms'])} | {fmt_ms(lat['p90_ms'])} | "
+            f"{fmt_ms(lat['p99_ms'])} | {cv} | {lat['throughput']:.1f} | "
+            f"{'1.00× (base)' if r['role'] == 'base' else fmt_speedup(r)} |"
+        )
+        if gpu:
+            e2e = r.get("e2e_ms") or {}
+            se = r.get("speedup_e2e")
+            row += f" {fmt_ms(e2e.get('median_ms'))} | {'—' if se is None else f'{se:.2f}×'} |"
+        row += f" {fmt_pct(top1_of(report, backend, r['label']))} |"
+        lines.append(row)
+    notes = sorted({n for r in rows for n in r.get("notes", [])})
+    dev = first.get("device", {})
+    dev_txt = dev.get("gpu") or dev.get("cpu") or "?"
+    if dev.get("kind") == "cpu":
+        dev_txt += f", {dev.get('threads')} thread(s)"
+    elif dev.get("driver"):
+        dev_txt += f", driver {dev['driver']}"
+    runtime = first.get("runtime", {})
+    lines.append("")
+    lines.append(
+        f"Device: {dev_txt}; runtime: {runtime.get('name')} {runtime.get('version')}"
+        + (f" ({', '.join(runtime['providers'])})" if runtime.get("providers") else "")
+        + "."
+    )
+    for n in notes:
+        lines.append(f"Note: {n}")
+    lines.append("")
+    return lines
 
 
 def render_skipped(report: dict[str, Any]) -> list[str]:
@@ -253,7 +281,7 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), squeeze=False)
     flat = [ax for row in axes for ax in row]
-    for ax in flat[len(groups):]:
+    for ax in flat[len(groups) :]:
         ax.set_visible(False)
     if not groups:
         ax = flat[0]
@@ -272,11 +300,19 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
         if len(pts) > 1:  # the sweep: every point in latency order, base included
             line = sorted(pts, key=lambda p: p[0])
             ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="grey", alpha=0.5, lw=1, zorder=1)
-        for group, style in ((comp, dict(marker="o", color="tab:blue", s=50, label="compressed")),
-                             (base, dict(marker="*", color="tab:red", s=180, label="base"))):
+        for group, style in (
+            (comp, dict(marker="o", color="tab:blue", s=50, label="compressed")),
+            (base, dict(marker="*", color="tab:red", s=180, label="base")),
+        ):
             if group:
-                ax.scatter([p[0] for p in group], [p[1] for p in group], zorder=3, edgecolors="black",
-                           linewidths=0.6, **style)
+                ax.scatter(
+                    [p[0] for p in group],
+                    [p[1] for p in group],
+                    zorder=3,
+                    edgecolors="black",
+                    linewidths=0.6,
+                    **style,
+                )
         for x, y, r in pts:
             txt = r["label"]
             if r["role"] != "base" and r.get("speedup") is not None:
@@ -321,8 +357,9 @@ def strip_samples(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in drop} for r in results]
 
 
-def write_reports(report: dict[str, Any], latency: dict[str, Any], out_dir: Path,
-                  paths: dict[str, Path]) -> dict[str, Path]:
+def write_reports(
+    report: dict[str, Any], latency: dict[str, Any], out_dir: Path, paths: dict[str, Path]
+) -> dict[str, Path]:
     """Write latency.json, report.json, report.md and tradeoff.png atomically; return their paths."""
     save_json(latency, paths["latency"])
     plot_tradeoff(report, paths["plot"])

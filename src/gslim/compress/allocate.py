@@ -1,0 +1,158 @@
+"""Per-unit widths that minimise the greedy error under a budget: a multiple-choice knapsack.
+
+Each unit u picks one width k from its options (multiples of ``round_to``); its cost is the
+unit's greedy error curve at k (the relative reconstruction error the planning pass measured,
+FPE-corrected). The constraint is any cost of the whole network: MACs, parameters or predicted
+milliseconds (:mod:`gslim.compress.latency`), which need not be separable (a layer between two
+units costs ``f(k_a, k_b)``).
+
+:func:`allocate` solves it by sequential linearisation: around the current widths the cost is
+replaced by its separable first-order form ``cost(w) + sum_u [cost(w with u=k) - cost(w)]``
+(exact for a move of one unit, and exact everywhere when the cost is separable), the separable
+problem is solved *exactly* by dynamic programming over the discretised budget, and this is
+repeated from the new widths a few times. A final repair step uses the true cost: it narrows
+the unit with the smallest error increase per unit of cost saved until the budget holds, then
+widens the unit with the largest error decrease per cost while it still holds. The result is
+never over budget; on a separable cost it is the knapsack optimum (tests check it against
+brute force).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+
+from gslim.errors import GslimError
+
+Widths = dict[str, int]
+
+
+def allocate(
+    options: dict[str, list[int]],
+    error: Callable[[str, int], float],
+    cost: Callable[[Widths], float],
+    budget: float,
+    *,
+    start: Optional[Widths] = None,
+    rounds: int = 4,
+) -> Widths:
+    """Widths (one option per unit) with the least total ``error`` whose ``cost`` is at most ``budget``."""
+    options = {u: sorted(set(v)) for u, v in options.items()}
+    floor = {u: v[0] for u, v in options.items()}
+    if cost(floor) > budget * (1 + 1e-9):
+        raise GslimError(
+            f"the budget {budget:,.4g} is unreachable: at the minimum widths the cost is {cost(floor):,.4g}"
+        )
+    widths = dict(start) if start is not None else {u: v[-1] for u, v in options.items()}
+    seen = []
+    for _ in range(rounds):
+        widths = _linearised_step(options, error, cost, budget, widths)
+        if widths in seen:
+            break
+        seen.append(dict(widths))
+    return _repair(options, error, cost, budget, widths)
+
+
+def _linearised_step(options, error, cost, budget, widths: Widths) -> Widths:
+    here = cost(widths)
+    deltas = {u: [cost({**widths, u: k}) - here for k in ks] for u, ks in options.items()}
+    errors = {u: [error(u, k) for k in ks] for u, ks in options.items()}
+    return solve_separable(options, errors, deltas, budget - here)
+
+
+def solve_separable(
+    options: dict[str, list[int]],
+    errors: dict[str, list[float]],
+    costs: dict[str, list[float]],
+    capacity: float,
+    max_front: int = 4000,
+) -> Widths:
+    """Multiple-choice knapsack: one option per unit, least total error, total cost <= capacity.
+
+    Dynamic programming over the Pareto front of (cost, error) of the units seen so far, with
+    exact costs (no rounding, so feasibility is exact). The front is exact while it has at most
+    ``max_front`` points (every small case); beyond that it keeps the best point per cost bucket
+    of ``capacity / max_front``. With no feasible choice: the cheapest option of each unit.
+    """
+    units = list(options)
+    # costs relative to each unit's cheapest option: all >= 0, so a partial sum over capacity
+    # stays over it and can be dropped
+    shift = {u: min(costs[u]) for u in units}
+    capacity = capacity - sum(shift.values())
+    cost = np.zeros(1)
+    err = np.zeros(1)
+    parents = []  # per unit: (index into the previous front, option index) of each point
+    for u in units:
+        cu = np.asarray(costs[u], dtype=float) - shift[u]
+        eu = np.asarray(errors[u], dtype=float)
+        c = (cost[:, None] + cu[None, :]).ravel()
+        e = (err[:, None] + eu[None, :]).ravel()
+        prev = np.repeat(np.arange(len(cost)), len(cu))
+        opt = np.tile(np.arange(len(cu)), len(cost))
+        keep = c <= capacity + 1e-12 * max(1.0, abs(capacity))
+        if not keep.any():
+            return {v: options[v][int(np.argmin(costs[v]))] for v in units}
+        c, e, prev, opt = c[keep], e[keep], prev[keep], opt[keep]
+        order = np.lexsort((e, c))  # by cost, then error
+        c, e, prev, opt = c[order], e[order], prev[order], opt[order]
+        best_before = np.minimum.accumulate(np.concatenate(([np.inf], e[:-1])))
+        pareto = e < best_before - 1e-15  # strictly better than every cheaper point
+        c, e, prev, opt = c[pareto], e[pareto], prev[pareto], opt[pareto]
+        if len(c) > max_front:  # thin: the best point of each cost bucket
+            bucket = np.floor((c - c[0]) / max(capacity - c[0], 1e-12) * max_front).astype(np.int64)
+            last = np.r_[
+                bucket[1:] != bucket[:-1], True
+            ]  # errors fall with cost: a bucket's last is its best
+            c, e, prev, opt = c[last], e[last], prev[last], opt[last]
+        cost, err = c, e
+        parents.append((prev, opt))
+    i = int(np.argmin(err))
+    out = {}
+    for u, (prev, opt) in zip(reversed(units), reversed(parents), strict=True):
+        out[u] = options[u][int(opt[i])]
+        i = int(prev[i])
+    return {u: out[u] for u in units}
+
+
+def _repair(options, error, cost, budget, widths: Widths) -> Widths:
+    """Narrow until the true cost fits, then widen while it still fits (best ratio first)."""
+    widths = dict(widths)
+    while cost(widths) > budget * (1 + 1e-12):
+        here = cost(widths)
+        best, best_score = None, math.inf
+        for u, ks in options.items():
+            i = ks.index(widths[u])
+            if i == 0:
+                continue
+            trial = {**widths, u: ks[i - 1]}
+            saved = here - cost(trial)
+            if saved <= 0:
+                continue
+            score = (error(u, ks[i - 1]) - error(u, widths[u])) / saved
+            if score < best_score:
+                best, best_score = trial, score
+        if best is None:
+            raise GslimError(
+                f"cannot meet the budget {budget:,.4g}: narrowing no unit lowers the cost {here:,.4g}"
+            )
+        widths = best
+    while True:
+        here = cost(widths)
+        best, best_score = None, 0.0
+        for u, ks in options.items():
+            i = ks.index(widths[u])
+            if i + 1 >= len(ks):
+                continue
+            trial = {**widths, u: ks[i + 1]}
+            c = cost(trial)
+            if c > budget:
+                continue
+            gain = error(u, widths[u]) - error(u, ks[i + 1])
+            score = gain / max(c - here, 1e-12)
+            if gain > 0 and score > best_score:
+                best, best_score = trial, score
+        if best is None:
+            return widths
+        widths = best

@@ -1,0 +1,341 @@
+"""The ``greedy`` criterion: per unit, forward selection of the channels that best reconstruct
+each consumer's output (OMP in Gram space, :mod:`gslim.compress.omp`), with the consumer
+re-fitted by ridge least squares to the *original* network's outputs; and the planning curves
+that turn a budget into per-unit widths."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from gslim.compress import budget as budget_mod
+from gslim.compress.calibrate import (
+    Hooks,
+    Segment,
+    StatsAccumulator,
+    build_segments,
+    consumer_rows,
+    cut_points,
+    kernel_group,
+    row_fraction,
+    target_rows,
+    unit_span,
+)
+from gslim.compress.omp import Stats, greedy_select, prediction_error_curve, refit, subset_error
+from gslim.compress.selection import PLANNING_FLOOR, Progress, UnitReport
+from gslim.compress.slim import slim_unit
+from gslim.compress.units import Unit, UnitGraph
+from gslim.recipe import CompressConfig
+
+# greedy (OMP with re-fit)
+
+
+def _max_rows(cfg: CompressConfig, mod: nn.Module, channels: int) -> int:
+    # enough positions for a well-posed fit (16 per unknown), capped for speed
+    return min(cfg.max_positions, max(16 * channels * kernel_group(mod), 4096))
+
+
+# Below this many fitted rows per unknown (a consumer's kept channels times its kernel
+# positions) a least-squares re-fit is under-determined: in-sample it reads ~0, held out it
+# does not. The unit's report carries a warning; the held-out error decides what is kept.
+MIN_ROWS_PER_UNKNOWN = 2.0
+
+
+def planning_curves(
+    original: nn.Module,
+    graph: UnitGraph,
+    units: list[Unit],
+    batches: list[torch.Tensor],
+    cfg: CompressConfig,
+    gen: torch.Generator,
+) -> dict[str, list[float]]:
+    """Per-unit error-vs-width curves on the original network, from one pass over the data.
+
+    They only allocate the budget across units (through eps); the channels themselves are
+    chosen afterwards on the progressively pruned network. The in-sample greedy path is
+    corrected to an estimate of the error on new rows (:func:`prediction_error_curve`), so a
+    unit with few rows per unknown does not look free to cut.
+    """
+    mods = dict(original.named_modules())
+    accs: dict[tuple[str, str], StatsAccumulator] = {}
+    captured: dict[str, torch.Tensor] = {}
+    n_images = sum(b.shape[0] for b in batches)
+    with Hooks() as hooks:
+        for u in units:
+            for c in u.consumers:
+                mod = mods[c]
+
+                def pre(m, args, c=c):
+                    captured[c] = args[0]
+
+                def post(m, args, out, c=c, u=u):
+                    key = (u.name, c)
+                    if key not in accs:
+                        frac = row_fraction(m, out.shape, n_images, _max_rows(cfg, m, u.width))
+                        accs[key] = StatsAccumulator(frac, gen, holdout=0.0)
+                    # taken inside the hook: an in-place op after the consumer cannot reach it
+                    accs[key].add_all(consumer_rows(m, captured.pop(c)), target_rows(m, out))
+
+                hooks.pre(mod, pre)
+                hooks.post(mod, post)
+        with torch.no_grad():
+            for x in batches:
+                original(x)
+    curves = {}
+    for u in units:
+        stats = [accs[(u.name, c)].result(kernel_group(mods[c])) for c in u.consumers]
+        # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
+        _, path = greedy_select(stats, eps=PLANNING_FLOOR, ridge=cfg.ridge)
+        curves[u.name] = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
+    return curves
+
+
+def segments_for(graph: UnitGraph, units: list[Unit], root: nn.Module) -> list[Segment]:
+    spans = [unit_span(u, graph.node_index, graph.consumer_node) for u in units]
+    return build_segments(graph.traced, cut_points(graph.traced, spans), root)
+
+
+class _Selection:
+    """Bookkeeping shared by the units of one greedy run."""
+
+    def __init__(
+        self, original: nn.Module, work: nn.Module, cfg: CompressConfig, gen: torch.Generator, n_images: int
+    ):
+        self.omods, self.wmods = dict(original.named_modules()), dict(work.named_modules())
+        self.work, self.cfg, self.gen, self.n_images = work, cfg, gen, n_images
+        # original output channels that each sliced producer still has: a consumer whose rows
+        # an earlier unit cut is fitted to the matching rows of the original output
+        self.kept_rows: dict[str, torch.Tensor] = {}
+
+    def hooks(
+        self,
+        hooks: Hooks,
+        u: Unit,
+        readers: list[str],
+        accs: dict[str, StatsAccumulator],
+        const: frozenset[str] = frozenset(),
+    ) -> None:
+        """Hooks that fill ``accs[reader]``: targets from the original network's reader (run
+        first on each batch), features from the pruned network's (run second), the same rows
+        sampled from both. Readers in ``const`` get a constant column (an intercept)."""
+        pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def post(m, args, out, c):
+            rows = target_rows(m, out)
+            if c in self.kept_rows:
+                rows = rows[:, self.kept_rows[c]]
+            if c not in accs:
+                accs[c] = StatsAccumulator(
+                    row_fraction(m, out.shape, self.n_images, _max_rows(self.cfg, m, u.width)), self.gen
+                )
+            pick = accs[c].draw(rows.shape[0])
+            pending[c] = (pick, rows[pick])
+
+        def pre(m, args, c):
+            pick, Y = pending.pop(c)
+            X = consumer_rows(m, args[0])[pick]
+            if c in const:
+                X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
+            accs[c].add(X, Y)
+
+        for c in readers:
+            hooks.post(self.omods[c], lambda m, a, o, c=c: post(m, a, o, c))
+            hooks.pre(self.wmods[c], lambda m, a, c=c: pre(m, a, c))
+
+
+def run_greedy(
+    original: nn.Module,
+    work: nn.Module,
+    graph: UnitGraph,
+    units: list[Unit],
+    batches: list[torch.Tensor],
+    cfg: CompressConfig,
+    widths: Optional[dict[str, int]],
+    gen: torch.Generator,
+    progress: Progress,
+) -> list[UnitReport]:
+    internal = [u for u in units if u.kind == "internal"]
+    residual = [u for u in units if u.kind == "residual"]
+    orig_segs = segments_for(graph, internal, original)
+    work_segs = segments_for(graph, internal, work)
+    by_segment: dict[int, list[Unit]] = {}
+    for u in internal:
+        end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
+        s = next(i for i, seg in enumerate(work_segs) if seg.start < end <= seg.end)
+        by_segment.setdefault(s, []).append(u)
+    sel = _Selection(original, work, cfg, gen, sum(b.shape[0] for b in batches))
+    reports: list[UnitReport] = []
+    done = 0
+    orig_act, work_act = list(batches), list(batches)
+    with torch.no_grad():
+        for s, (oseg, wseg) in enumerate(zip(orig_segs, work_segs)):
+
+            def run(orig_act=orig_act, work_act=work_act, oseg=oseg, wseg=wseg):
+                for xo, xw in zip(orig_act, work_act):
+                    oseg.module(xo)
+                    wseg.module(xw)
+
+            for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
+                k = widths.get(u.name, u.width) if widths is not None else None
+                reports.append(_select_unit(sel, u, k, run))
+                done += 1
+                if progress:
+                    progress(u.name, done, len(units))
+            orig_act = [oseg.module(x) for x in orig_act]
+            work_act = [wseg.module(x) for x in work_act]
+    if residual:
+
+        def run_whole():
+            for x in batches:
+                original(x)
+                work(x)
+
+        for u in residual:
+            k = widths.get(u.name, u.width) if widths is not None else None
+            reports.append(_select_unit(sel, u, k, run_whole))
+            done += 1
+            if progress:
+                progress(u.name, done, len(units))
+    return reports
+
+
+def _collect(
+    sel: _Selection, u: Unit, readers: list[str], run: Callable[[], None], const: frozenset[str] = frozenset()
+) -> dict[str, Stats]:
+    accs: dict[str, StatsAccumulator] = {}
+    with Hooks() as hooks:
+        sel.hooks(hooks, u, readers, accs, const)
+        run()
+    return {c: accs[c].result(1 if c in const else kernel_group(sel.wmods[c])) for c in readers}
+
+
+@torch.no_grad()
+def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], None]) -> UnitReport:
+    """Select ``u``'s channels on statistics from one pass of ``run``, slim it, and re-fit its
+    consumers (and an SE squeeze conv that reads it) to the original network's outputs."""
+    cfg = sel.cfg
+    width = u.width
+    squeeze = [c for c in u.inner_readers if _is_pointwise(sel.wmods[c])]
+    const = frozenset(c for c in squeeze if sel.wmods[c].bias is not None)
+    collected = _collect(sel, u, u.consumers + squeeze, run, const)
+    stats = [collected[c] for c in u.consumers]
+    if k is not None and k >= width:
+        order = list(range(width))
+    else:
+        order, _ = greedy_select(stats, k=k, eps=cfg.eps if k is None else None, ridge=cfg.ridge)
+        if k is None:  # eps-driven: round the count up, adding the next greedy choices
+            kr = budget_mod.round_width(len(order), width, cfg.round_to, cfg.min_width)
+            if kr > len(order):
+                order, _ = greedy_select(stats, k=kr, ridge=cfg.ridge)
+    keep = sorted(order)
+    if squeeze:
+        # slice everything, refit the squeeze so the gates match the original network's, then
+        # fit the consumers on the gates the slim model really computes (a second pass)
+        slim_unit(sel.work, u, keep, consumers=True)
+        for c in squeeze:
+            _refit_squeeze(sel, c, collected[c], keep, c in const)
+        collected = _collect(sel, u, u.consumers, run)
+        stats = [collected[c] for c in u.consumers]
+        fit_keep = list(range(len(keep)))
+    else:
+        slim_unit(sel.work, u, keep, consumers=False)
+        fit_keep = keep
+    report = UnitReport(
+        u.name, u.kind, width, len(keep), [int(i) for i in order], consumers=list(u.consumers)
+    )
+    _refit_consumers(sel, u, stats, keep, fit_keep, report)
+    for name in u.producers + u.gate_producers:
+        prev = sel.kept_rows.get(name, torch.arange(width))
+        sel.kept_rows[name] = prev[torch.as_tensor(keep, dtype=torch.long)]
+    return report
+
+
+def _is_pointwise(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or (
+        isinstance(mod, nn.Conv2d) and kernel_group(mod) == 1 and mod.groups == 1
+    )
+
+
+def _regression_weights(mod: nn.Module, cols: list[int]) -> torch.Tensor:
+    """The layer's current weights for input channels ``cols`` in the regression layout
+    (channels*k*k x out), as :func:`consumer_rows` lays out the features."""
+    w = mod.weight.detach().double()
+    w = w[:, torch.as_tensor(cols, dtype=torch.long)]
+    return w.reshape(w.shape[0], -1).T
+
+
+def _install(mod: nn.Module, W: torch.Tensor, n_in: int) -> None:
+    if isinstance(mod, nn.Linear):
+        w = W.T
+        mod.in_features = n_in
+    else:
+        kh, kw = mod.kernel_size
+        w = W.T.reshape(W.shape[1], n_in, kh, kw)
+        mod.in_channels = n_in
+    mod.weight = nn.Parameter(w.to(mod.weight.dtype).contiguous(), requires_grad=mod.weight.requires_grad)
+
+
+def _refit_consumers(
+    sel: _Selection, u: Unit, stats: list[Stats], keep: list[int], fit_keep: list[int], report: UnitReport
+) -> None:
+    """Least-squares consumer weights on the fitted rows; kept only where they beat the
+    current weights (sliced) on the held-out rows."""
+    cfg = sel.cfg
+    fit_num = held_num = fit_den = held_den = 0.0
+    kinds = set()
+    for c, st in zip(u.consumers, stats):
+        mod = sel.wmods[c]
+        W, fit_err = refit(st, fit_keep, ridge=cfg.ridge)
+        chosen, kind = W, "least-squares"
+        held_err = None
+        if st.held is not None:
+            held_err = subset_error(st.held, fit_keep, W)
+            W0 = _regression_weights(mod, fit_keep)  # the consumer's weights, sliced
+            held0 = subset_error(st.held, fit_keep, W0)
+            if held0 < held_err:
+                chosen, kind, held_err = W0, "original", held0
+                fit_err = subset_error(st, fit_keep, W0)
+        kinds.add(kind)
+        _install(mod, chosen, len(keep))
+        unknowns = len(keep) * st.group
+        if st.rows < MIN_ROWS_PER_UNKNOWN * unknowns:
+            report.warnings.append(
+                f"{c}: {st.rows / unknowns:.2f} rows per unknown ({st.rows} rows, {unknowns} unknowns): the re-fit "
+                "is under-determined; more calibration images (data.calib_images) would make it reliable"
+            )
+        err = held_err if held_err is not None else fit_err
+        report.consumer_errors[c] = float(err)
+        fit_num += fit_err * st.yy
+        fit_den += st.yy
+        if st.held is not None:
+            held_num += err * st.held.yy
+            held_den += st.held.yy
+    report.fit_error = float(fit_num / (fit_den or 1.0))
+    report.rel_error = float(held_num / held_den) if held_den else report.fit_error
+    report.refit = (
+        "least-squares" if kinds == {"least-squares"} else ("original" if kinds == {"original"} else "mixed")
+    )
+
+
+def _refit_squeeze(sel: _Selection, name: str, st: Stats, keep: list[int], intercept: bool) -> None:
+    """Re-fit an SE squeeze conv on the kept channels (plus its bias, when it has one) so it
+    reproduces the original squeeze output; kept only where it beats slicing on held-out rows."""
+    mod = sel.wmods[name]
+    C = st.channels - (1 if intercept else 0)
+    cols = keep + ([C] if intercept else [])
+    W, _ = refit(st, cols, ridge=sel.cfg.ridge)
+    if st.held is not None:
+        w0 = mod.weight.detach().double().reshape(mod.weight.shape[0], -1).T  # already sliced: (k, O)
+        W0 = torch.cat([w0, w0.new_zeros(1, w0.shape[1])]) if intercept else w0
+        if subset_error(st.held, cols, W0) < subset_error(st.held, cols, W):
+            return
+    with torch.no_grad():
+        if intercept:
+            mod.bias.add_(W[-1].to(mod.bias.dtype))
+            W = W[:-1]
+        _install(mod, W, len(keep))
+
+
+# ---------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""The ``greedy-loss`` criterion (Ye et al., ICML 2020): add the channel that most lowers the
+network's loss on a calibration mini-batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gslim.compress.calibrate import (
+    Hooks,
+    Segment,
+)
+from gslim.compress.greedy import segments_for
+from gslim.compress.selection import Progress, UnitReport
+from gslim.compress.slim import slim_unit
+from gslim.compress.units import Unit, UnitGraph
+from gslim.errors import GslimError
+from gslim.recipe import CompressConfig
+
+# greedy-loss (ICML 2020): forward selection on the network's loss
+
+
+def run_greedy_loss(
+    work: nn.Module,
+    graph: UnitGraph,
+    units: list[Unit],
+    batches: list[torch.Tensor],
+    labels: torch.Tensor,
+    cfg: CompressConfig,
+    widths: dict[str, int],
+    gen: torch.Generator,
+    progress: Progress,
+) -> list[UnitReport]:
+    if any(u.kind == "residual" for u in units):
+        raise GslimError(
+            "greedy-loss selects block-internal channels only; set compress.prune_residual: false"
+        )
+    segs = segments_for(graph, units, work)
+    wmods = dict(work.named_modules())
+    by_segment: dict[int, list[Unit]] = {}
+    for u in units:
+        end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
+        s = next(i for i, seg in enumerate(segs) if seg.start < end <= seg.end)
+        by_segment.setdefault(s, []).append(u)
+    reports, done = [], 0
+    # every calibration image's activation at the current segment input: each greedy step
+    # scores its candidates on a fresh mini-batch drawn from them, as the ICML algorithm does
+    # (a fixed mini-batch would be fitted, not generalised from)
+    act = torch.cat(batches)
+    with torch.no_grad():
+        for s, seg in enumerate(segs):
+            for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
+                width = u.width
+                k = widths.get(u.name, width)
+                if k < width:
+                    order = _loss_forward_selection(u, k, act, labels, segs[s:], wmods, cfg, gen)
+                    slim_unit(work, u, sorted(order))
+                else:
+                    order = list(range(width))
+                reports.append(
+                    UnitReport(
+                        u.name, u.kind, width, len(order), [int(i) for i in order], None, list(u.consumers)
+                    )
+                )
+                done += 1
+                if progress:
+                    progress(u.name, done, len(units))
+            act = torch.cat([seg.module(a) for a in act.split(256)])
+    return reports
+
+
+def _loss_forward_selection(
+    u: Unit,
+    k: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rest: list[Segment],
+    wmods: dict[str, nn.Module],
+    cfg: CompressConfig,
+    gen: torch.Generator,
+) -> list[int]:
+    C = u.width
+    selected: list[int] = []
+    mask_state = {"masks": None}
+
+    def masked_input(m, args):
+        masks = mask_state["masks"]  # (n_cand, C)
+        inp = args[0]
+        nc = masks.shape[0]
+        shaped = inp.view(nc, -1, *inp.shape[1:])
+        view = [nc, 1, C] + [1] * (inp.dim() - 2)
+        return (shaped * masks.view(view)).view_as(inp)
+
+    sample = cfg.loss_candidates or max(1, math.ceil(C / k * math.log(100.0)))
+    batch = min(cfg.loss_batch, x.shape[0])
+    # candidates scored in one batched forward, sized by the activation they replicate
+    # (~32M floats of segment input: 64 candidates at 32 px, 1 at 224 px instead of gigabytes)
+    per_forward = max(1, min(4096 // batch, (1 << 25) // max(1, batch * x[0].numel())))
+    x_all, y_all = x, y
+    with Hooks() as hooks:
+        for c in u.readers:
+            hooks.pre(wmods[c], masked_input)
+        base = torch.zeros(C)
+        while len(selected) < k:
+            pick = torch.randperm(x_all.shape[0], generator=gen)[:batch]
+            x, y = x_all[pick], y_all[pick]
+            remaining = torch.tensor([j for j in range(C) if j not in set(selected)])
+            if sample < remaining.numel():
+                remaining = remaining[torch.randperm(remaining.numel(), generator=gen)[:sample]]
+            best_j, best_loss = None, float("inf")
+            for chunk in remaining.split(per_forward):
+                masks = base.repeat(chunk.numel(), 1)
+                masks[torch.arange(chunk.numel()), chunk] = 1.0
+                mask_state["masks"] = masks
+                h = x.repeat(chunk.numel(), *[1] * (x.dim() - 1))
+                for seg in rest:
+                    h = seg.module(h)
+                losses = F.cross_entropy(h, y.repeat(chunk.numel()), reduction="none").view(chunk.numel(), -1)
+                mean = losses.mean(1)
+                i = int(torch.argmin(mean))
+                if float(mean[i]) < best_loss:
+                    best_loss, best_j = float(mean[i]), int(chunk[i])
+            selected.append(best_j)
+            base[best_j] = 1.0
+    return selected
+
+
+# ---------------------------------------------------------------------------------------

@@ -1,0 +1,286 @@
+"""A latency model of a network as a function of its unit widths, measured on the target runtime.
+
+Granularity: one entry per *layer shape* (HALP's lookup table, Shen et al. NeurIPS 2022). Every
+convolution or linear layer whose input or output channels belong to a unit is timed in
+isolation on the chosen backend (exported through gslim's ONNX path for the ONNX backends,
+timed with the profiler's warm-up and interleaved rounds, median of the samples) at a grid of
+widths of the unit(s) it depends on: a 1-D grid when one unit sets its shape (MobileNet's
+expand/depthwise/project convs, ResNet basic blocks) and a coarse 2-D grid when two do (a
+ResNet-50 bottleneck's middle conv). Between grid points the time is interpolated linearly.
+
+The whole network is predicted *anchored* at its measured latency:
+
+    predict(widths) = measured(full model) + sum over layers [t_layer(widths) - t_layer(full)]
+
+so what a table cannot see in isolation (fusion, the layers no unit touches, call overhead)
+cancels out, and only the layers that change are estimated. Why layers and not whole blocks
+or models: a layer key (shape, stride, groups, batch) recurs across blocks and models, so a
+table fills once per machine and is then shared; blocks would need one trace per architecture,
+and timing whole models per width is slower than the noise it must resolve.
+
+The table (:mod:`gslim.compress.latency_table`) is cached on disk, keyed by device, backend,
+runtime version, precision, batch and threads (the file) and by layer shape (the entries), as
+JSON a person can read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from gslim.compress import latency_table
+from gslim.compress.budget import round_width
+from gslim.compress.latency_table import ONNX_BACKENDS, LatencySettings, LatencyTable, LayerShape
+from gslim.compress.units import Unit, UnitGraph
+
+# ----------------------------------------------------------------------------- the model's layers
+
+
+@dataclass
+class _Layer:
+    """A layer whose shape depends on unit widths."""
+
+    name: str
+    shape: LayerShape  # at full widths
+    in_unit: Optional[str]
+    out_unit: Optional[str]
+    depthwise: bool
+
+    def units(self) -> list[str]:
+        return list(dict.fromkeys(u for u in (self.in_unit, self.out_unit) if u is not None))
+
+    def at(self, widths: dict[str, int]) -> LayerShape:
+        s = self.shape
+        cin = widths.get(self.in_unit, s.cin) if self.in_unit else s.cin
+        cout = widths.get(self.out_unit, s.cout) if self.out_unit else s.cout
+        groups = cout if self.depthwise else s.groups
+        return LayerShape(s.op, cin, cout, groups, s.kernel, s.stride, s.padding, s.dilation, s.hw, s.bias)
+
+
+def model_layers(graph: UnitGraph, units: list[Unit], input_size: int) -> list[_Layer]:
+    """Every conv/linear layer that reads, writes or carries a unit's channels, with its shape."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    reads, writes, carries = {}, {}, {}
+    for u in units:
+        for m in u.readers:
+            reads[m] = u.name
+        for m in u.producers + u.gate_producers:
+            writes[m] = u.name
+        for m in u.members:
+            carries[m] = u.name
+    gm = graph.traced
+    device = next(gm.parameters()).device
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
+    mods = dict(gm.named_modules())
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in (reads.keys() | writes.keys() | carries.keys()):
+            continue
+        mod, name = mods[node.target], node.target
+        src = node.args[0].meta.get("tensor_meta") if node.args and hasattr(node.args[0], "meta") else None
+        in_shape = tuple(src.shape) if src is not None else ()
+        if isinstance(mod, nn.Conv2d):
+            if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                continue  # timed like a zero-padded conv would mislead; such convs keep their cost fixed
+            shape = LayerShape(
+                "conv",
+                mod.in_channels,
+                mod.out_channels,
+                mod.groups,
+                tuple(mod.kernel_size),
+                tuple(mod.stride),
+                tuple(mod.padding),
+                tuple(mod.dilation),
+                (int(in_shape[2]), int(in_shape[3])),
+                mod.bias is not None,
+            )
+            depthwise = name in carries
+            layers.append(
+                _Layer(
+                    name,
+                    shape,
+                    carries.get(name, reads.get(name)),
+                    carries.get(name, writes.get(name)),
+                    depthwise,
+                )
+            )
+        elif isinstance(mod, nn.Linear):
+            shape = LayerShape("linear", mod.in_features, mod.out_features, bias=mod.bias is not None)
+            layers.append(_Layer(name, shape, reads.get(name), writes.get(name), False))
+    return layers
+
+
+def width_grid(full: int, points: int, round_to: int, min_width: int) -> list[int]:
+    """``points`` widths from the smallest allowed to ``full``, on multiples of ``round_to``."""
+    lo = round_width(1, full, round_to, min_width)
+    if full <= lo or points <= 1:
+        return sorted({lo, full})
+    raw = [lo + (full - lo) * i / (points - 1) for i in range(points)]
+    return sorted({round_width(int(round(r)), full, round_to, min_width) for r in raw} | {lo, full})
+
+
+def _interp(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys); linear extrapolation outside."""
+    if len(xs) == 1:
+        return ys[0]
+    i = 1
+    while i < len(xs) - 1 and xs[i] < x:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y0
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class LatencyModel:
+    """Predicted milliseconds of the network for any unit widths (see the module docstring)."""
+
+    def __init__(
+        self,
+        layers: list[_Layer],
+        full: dict[str, int],
+        grids: dict[str, list[int]],
+        table: LatencyTable,
+        full_ms: float,
+    ):
+        self.layers, self.full, self.grids, self.table, self.full_ms = layers, full, grids, table, full_ms
+        # each layer's measured curve (1-D) or surface (2-D), looked up once
+        self._curves = []
+        for ly in layers:
+            us = ly.units()
+            if len(us) == 1:
+                xs = grids[us[0]]
+                self._curves.append((us, (xs,), [table.lookup(ly.at({**full, us[0]: x})) for x in xs]))
+            else:
+                xa, xb = coarse_grid(grids[us[0]]), coarse_grid(grids[us[1]])
+                ys = [[table.lookup(ly.at({**full, us[0]: va, us[1]: vb})) for vb in xb] for va in xa]
+                self._curves.append((us, (xa, xb), ys))
+        self._full_layer_ms = [self._layer_ms(i, full) for i in range(len(layers))]
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        graph: UnitGraph,
+        units: list[Unit],
+        input_size: int,
+        settings: LatencySettings,
+        table: LatencyTable,
+        *,
+        round_to: int = 8,
+        min_width: int = 8,
+        full_ms: Optional[float] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> "LatencyModel":
+        """Measure what the table lacks for this model (and the full model's latency) and build."""
+        layers = model_layers(graph, units, input_size)
+        full = {u.name: u.width for u in units}
+        grids = {u.name: width_grid(u.width, settings.grid, round_to, min_width) for u in units}
+        table.measure(list(_grid_shapes(layers, full, grids)), settings, progress)
+        if full_ms is None:
+            full_ms = latency_table.measure_model(model, input_size, settings, table)
+        return cls(layers, full, grids, table, full_ms)
+
+    def _layer_ms(self, i: int, widths: dict[str, int]) -> float:
+        us, axes, ys = self._curves[i]
+        if len(us) == 1:
+            return _interp(axes[0], ys, widths.get(us[0], self.full[us[0]]))
+        xb = widths.get(us[1], self.full[us[1]])
+        return _interp(
+            axes[0], [_interp(axes[1], row, xb) for row in ys], widths.get(us[0], self.full[us[0]])
+        )
+
+    def predict(self, widths: dict[str, int]) -> float:
+        """Milliseconds of the model with these unit widths (others at full width)."""
+        return self.full_ms + sum(self._layer_ms(i, widths) - t for i, t in enumerate(self._full_layer_ms))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "granularity": "layer shape (1-D grid per unit, 2-D where two units meet)",
+            "table": str(self.table.path),
+            "context": self.table.context,
+            "layers": len(self.layers),
+            "entries": len(self.table.entries),
+            "measured_now": self.table.measured_now,
+            "full_ms": self.full_ms,
+        }
+
+
+def coarse_grid(g: list[int]) -> list[int]:
+    """At most four of a grid's widths (both ends kept), for layers that two units shape."""
+    return g if len(g) <= 4 else sorted({g[0], g[len(g) // 3], g[2 * len(g) // 3], g[-1]})
+
+
+def _grid_shapes(layers: list[_Layer], full: dict[str, int], grids: dict[str, list[int]]):
+    for ly in layers:
+        us = ly.units()
+        if len(us) == 1:
+            for x in grids[us[0]]:
+                yield ly.at({**full, us[0]: x})
+        else:
+            for va in coarse_grid(grids[us[0]]):
+                for vb in coarse_grid(grids[us[1]]):
+                    yield ly.at({**full, us[0]: va, us[1]: vb})
+
+
+@dataclass
+class LatencyRequest:
+    """What :func:`gslim.compress.select.compress_model` needs for a latency budget: where to
+    measure, the table, the planning target (predicted ms) and the base model's measured ms.
+    The latency model is built on first use and reused by later rounds of the closed loop."""
+
+    settings: LatencySettings
+    table: LatencyTable
+    target_ms: float
+    full_ms: float
+    progress: Optional[Callable[[int, int], None]] = None
+    built: Optional[LatencyModel] = None
+
+    def model_for(
+        self,
+        work: nn.Module,
+        graph: UnitGraph,
+        units: list[Unit],
+        input_size: int,
+        round_to: int,
+        min_width: int,
+    ) -> LatencyModel:
+        if self.built is None:
+            self.built = LatencyModel.build(
+                work,
+                graph,
+                units,
+                input_size,
+                self.settings,
+                self.table,
+                round_to=round_to,
+                min_width=min_width,
+                full_ms=self.full_ms,
+                progress=self.progress,
+            )
+        return self.built
+
+
+def settings_from_recipe(recipe: Any) -> LatencySettings:
+    """compress.latency, with unset values from the profile section."""
+    from gslim.runtime import get_backend
+
+    lat, prof = recipe.compress.latency, recipe.profile
+    backend = lat.backend
+    if backend is None:  # the first ONNX runtime the recipe profiles on: what gets deployed
+        backend = next((b for b in prof.backends if b in ONNX_BACKENDS), "ort-cpu")
+    get_backend(backend)
+    precision = lat.precision or ("fp16" if prof.fp16 else "fp32")
+    return LatencySettings(
+        backend=backend,
+        batch=lat.batch or prof.batch_sizes[0],
+        threads=lat.threads or prof.threads,
+        precision=precision,
+        grid=lat.grid,
+    )

@@ -1,0 +1,262 @@
+"""The compress and finetune stages of a recipe, callable from Python without the CLI:
+
+from gslim.compress.stage import compress_stage, finetune_stage
+summary = compress_stage(recipe, run_dir)          # slim.pt + selection.json
+finetune_stage(recipe, run_dir)                    # finetuned.pt (distilled from the base)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from gslim.environment import ensure_run_dir, environment_info
+from gslim.errors import GslimError
+from gslim.progress import bar
+from gslim.recipe import Recipe
+
+
+def resolve_base_model(recipe: Recipe, run_dir: Path, model_path: Optional[Path]):
+    """The uncompressed model: an explicit file, the recipe's weights, or the run's trained base."""
+    from gslim.models import ModelSpec, build_model, load_model
+
+    m = recipe.model
+    if model_path is not None:
+        model, spec = load_model(
+            model_path, expect_arch=m.arch, num_classes=m.num_classes, input_size=m.input_size
+        )
+        return model, spec, str(model_path)
+    if m.weights is not None:
+        model = build_model(m.arch, m.num_classes, m.weights).eval()
+        return model, ModelSpec(m.arch, m.num_classes, m.input_size), m.weights
+    trained = run_dir / "base.pt"
+    if trained.is_file():
+        model, spec = load_model(trained, expect_arch=m.arch, num_classes=m.num_classes)
+        return model, spec, str(trained)
+    raise GslimError(
+        f"no base model: pass --model, set model.weights in the recipe, or train one first "
+        f"(gslim train RECIPE writes {trained})"
+    )
+
+
+def compress_stage(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    model_path: Optional[Path] = None,
+    out_name: str = "slim.pt",
+    selection_name: str = "selection.json",
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Select and slim; write the slim checkpoint and selection.json. Returns the selection summary."""
+    import torch
+
+    from gslim.artifacts import atomic_path, check_output_dir, refuse_overwrite, save_json
+    from gslim.compress.select import compress_model
+    from gslim.data import calibration_batch
+    from gslim.models import ModelSpec, count_macs_params, save_checkpoint
+
+    check_output_dir(run_dir, "run directory")  # before minutes of selection, not after
+    ensure_run_dir(run_dir)
+    out, sel_path = run_dir / out_name, run_dir / selection_name
+    refuse_overwrite(out, force, "compressed model")
+    torch.manual_seed(recipe.seed)
+    model, spec, source = resolve_base_model(recipe, run_dir, model_path)
+    size = spec.input_size or recipe.model.input_size
+    x, y = calibration_batch(recipe.data, size, recipe.model.num_classes, recipe.seed)
+    macs0, params0 = count_macs_params(model, size)
+
+    latency_info = None
+    torch.set_flush_denormal(True)  # denormals from near-dead channels slow CPU convs several-fold
+    try:
+        with bar(progress, "selecting channels", None, unit="") as task:
+
+            def run(latency=None, curves=None):
+                return compress_model(
+                    model,
+                    size,
+                    x,
+                    y,
+                    recipe.compress,
+                    seed=recipe.seed,
+                    batch_size=min(recipe.data.batch_size, 128),
+                    latency=latency,
+                    curves=curves,
+                    progress=lambda unit, done, total: task.update(done, total, unit=unit),
+                )
+
+            if recipe.compress.target_latency is None:
+                result = run()
+            else:
+                result, latency_info = compress_to_latency(recipe, model, size, run)
+    finally:
+        torch.set_flush_denormal(False)  # the process default; callers may compute on after us
+    macs1, params1 = count_macs_params(result.model, size)
+    slim_spec = ModelSpec(
+        spec.arch,
+        spec.num_classes,
+        size,
+        widths=result.widths,
+        meta={"base": source, "criterion": result.criterion, "stage": "compress"},
+    )
+    summary = {
+        "base_model": source,
+        "arch": spec.arch,
+        "input_size": size,
+        "macs_before": macs0,
+        "macs_after": macs1,
+        "macs_fraction": macs1 / macs0,
+        "params_before": params0,
+        "params_after": params1,
+        "params_fraction": params1 / params0,
+        "bn_recalib": recipe.compress.bn_recalib,
+        "config": recipe.compress.model_dump(mode="json"),
+        **result.to_json(),
+        **({"latency": latency_info} if latency_info is not None else {}),
+        "environment": environment_info(),
+    }
+    # The model is written to its temporary file first and renamed last: a slim.pt on disk
+    # always has its own selection.json next to it, whichever write fails.
+    with atomic_path(out) as tmp:
+        save_checkpoint(result.model, slim_spec, tmp)
+        save_json(summary, sel_path)
+    summary["paths"] = {"model": str(out), "selection": str(sel_path)}
+    return summary
+
+
+def finetune_stage(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    model_path: Optional[Path] = None,
+    teacher_path: Optional[Path] = None,
+    out_name: str = "finetuned.pt",
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a compressed model with distillation from the base model (on by default)."""
+    from gslim.models import load_model
+    from gslim.train import fit
+
+    model_path = model_path or run_dir / "slim.pt"
+    if not Path(model_path).is_file():
+        raise GslimError(f"no compressed model at {model_path}: run gslim compress first or pass --model")
+    model, spec = load_model(model_path)
+    cfg = recipe.finetune
+    teacher = None
+    if cfg.distill is not None:
+        tpath = teacher_path or (Path(cfg.distill.teacher) if cfg.distill.teacher else None)
+        if tpath is None:
+            base = spec.meta.get("base")
+            tpath = Path(base) if base and Path(base).is_file() else run_dir / "base.pt"
+        if not Path(tpath).is_file():
+            raise GslimError(f"distillation teacher {tpath} not found: pass --teacher or use --no-distill")
+        teacher, _ = load_model(tpath, num_classes=spec.num_classes)
+    spec.meta = {**spec.meta, "stage": "finetune", "teacher": str(tpath) if teacher is not None else None}
+    result = fit(
+        model,
+        spec,
+        cfg,
+        recipe.data,
+        run_dir,
+        seed=recipe.seed,
+        teacher=teacher,
+        resume=resume,
+        force=force,
+        output_name=out_name,
+        log_name="finetune_log.jsonl",
+        last_name="finetune_last.pt",
+        progress=progress,
+        description="finetune",
+    )
+    return {"model": str(result.final_path), "epochs": result.epochs, "metrics": result.metrics}
+
+
+def compress_to_latency(
+    recipe: Recipe,
+    model,
+    input_size: int,
+    run: Callable[..., Any],
+    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+):
+    """The closed loop of a latency budget: plan with the latency model, slim, measure the slim
+    model against the base on the backend (interleaved), and tighten the planning target by
+    measured/budget while it is over (at most ``compress.latency.max_rounds`` rounds, each
+    printed). Returns the result and what goes into selection.json's ``latency``."""
+    import gslim.compress.latency as lat
+    import gslim.compress.latency_table as lt
+    from gslim.recipe import parse_latency
+
+    cfg = recipe.compress.latency
+    settings = lat.settings_from_recipe(recipe)
+    table = lt.LatencyTable.open(settings, Path(cfg.table) if cfg.table else None)
+    kind, value = parse_latency(recipe.compress.target_latency)
+    say(
+        f"latency budget {recipe.compress.target_latency} on {settings.backend} (batch {settings.batch}, "
+        f"{settings.threads} thread(s), {settings.precision}); table {table.path}"
+    )
+    base_ms = lt.measure_model(model, input_size, settings, table)
+    request = lat.LatencyRequest(
+        settings,
+        table,
+        value if kind == "ms" else value * base_ms,
+        base_ms,
+        progress=lambda done, total: (
+            say(f"latency table: measured {done}/{total} layers") if done == total else None
+        ),
+    )
+    rounds, curves, best = [], None, None
+    for r in range(1, cfg.max_rounds + 1):
+        result = run(latency=request, curves=curves)
+        curves = result.curves
+        predicted = request.built.predict(result.widths)
+        m = lt.measure_model(result.model, input_size, settings, others={"base": model})
+        slim_ms, base_now = m["model"], m["base"]
+        budget_ms = value if kind == "ms" else value * base_now
+        rounds.append(
+            {
+                "round": r,
+                "planning_target_ms": request.target_ms,
+                "predicted_ms": predicted,
+                "measured_ms": slim_ms,
+                "base_measured_ms": base_now,
+                "budget_ms": budget_ms,
+            }
+        )
+        say(
+            f"latency round {r}: predicted {predicted:.3f} ms, measured {slim_ms:.3f} ms "
+            f"(base {base_now:.3f} ms, {base_now / slim_ms:.2f}x), budget {budget_ms:.3f} ms"
+        )
+        fits = slim_ms <= budget_ms * (1 + cfg.tolerance)
+        if fits and (best is None or slim_ms > best[1]["measured_ms"]):
+            best = (result, rounds[-1])  # the widest model that fits: the least accuracy given up
+        if fits and slim_ms >= budget_ms * (1 - cfg.undershoot):
+            break
+        if r < cfg.max_rounds:  # over: tighten; far under: loosen (the ratio by which it missed)
+            request.target_ms *= budget_ms / slim_ms
+    if best is None:
+        raise GslimError(
+            f"the slim model measures {slim_ms:.3f} ms, over the budget {budget_ms:.3f} ms, after "
+            f"{len(rounds)} round(s); raise compress.latency.max_rounds or the budget"
+        )
+    result, last = best
+    return result, {
+        "budget": recipe.compress.target_latency,
+        "kind": kind,
+        "budget_ms": last["budget_ms"],
+        "backend": settings.backend,
+        "batch": settings.batch,
+        "threads": settings.threads,
+        "precision": settings.precision,
+        "base_ms": last["base_measured_ms"],
+        "predicted_ms": last["predicted_ms"],
+        "measured_ms": last["measured_ms"],
+        "prediction_error": (last["predicted_ms"] - last["measured_ms"]) / last["measured_ms"],
+        "speedup": last["base_measured_ms"] / last["measured_ms"],
+        "rounds": rounds,
+        "table": {"path": str(table.path), "entries": len(table.entries), "measured_now": table.measured_now},
+        "model": request.built.describe(),
+    }

@@ -1,0 +1,260 @@
+"""The latency budget: knapsack allocation, the latency table and its cache, the closed loop."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from gslim.compress.allocate import allocate, solve_separable
+from gslim.errors import GslimError
+
+# --------------------------------------------------------------------------- allocation
+
+
+def _random_case(rng: random.Random, units: int, options: int):
+    opts, errs, costs = {}, {}, {}
+    for u in range(units):
+        ks = sorted(rng.sample(range(1, 20), options))
+        e = sorted((rng.random() for _ in ks), reverse=True)  # wider: less error
+        c = sorted(rng.randint(1, 9) for _ in ks)  # wider: costs more
+        opts[f"u{u}"], errs[f"u{u}"], costs[f"u{u}"] = ks, e, c
+    return opts, errs, costs
+
+
+def _brute(opts, errs, costs, budget):
+    best = None
+    for pick in itertools.product(*[range(len(v)) for v in opts.values()]):
+        names = list(opts)
+        c = sum(costs[n][j] for n, j in zip(names, pick))
+        e = sum(errs[n][j] for n, j in zip(names, pick))
+        if c <= budget and (best is None or e < best - 1e-12):
+            best = e
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_is_optimal_on_small_separable_cases(seed):
+    rng = random.Random(seed)
+    opts, errs, costs = _random_case(rng, rng.randint(2, 4), rng.randint(2, 4))
+    floor = sum(min(c) for c in costs.values())
+    budget = floor + rng.randint(0, 12)
+    index = {n: {k: i for i, k in enumerate(ks)} for n, ks in opts.items()}
+
+    def cost(w):
+        return sum(costs[n][index[n][k]] for n, k in w.items())
+
+    def error(n, k):
+        return errs[n][index[n][k]]
+
+    got = allocate(opts, error, cost, budget)
+    assert cost(got) <= budget
+    assert sum(error(n, k) for n, k in got.items()) == pytest.approx(_brute(opts, errs, costs, budget))
+    # the separable solver alone, on the same numbers
+    sep = solve_separable(opts, errs, {n: [float(c) for c in v] for n, v in costs.items()}, budget)
+    assert cost(sep) <= budget
+    assert sum(error(n, k) for n, k in sep.items()) == pytest.approx(_brute(opts, errs, costs, budget))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_never_exceeds_a_coupled_budget(seed):
+    rng = random.Random(100 + seed)
+    names = [f"u{i}" for i in range(5)]
+    opts = {n: list(range(8, 65, 8)) for n in names}
+    pair = {(a, b): rng.random() for a, b in zip(names, names[1:])}  # a layer between two units: k_a * k_b
+    lin = {n: rng.random() * 10 for n in names}
+
+    def cost(w):
+        return sum(v * w[a] * w[b] for (a, b), v in pair.items()) + sum(lin[n] * w[n] for n in names)
+
+    curves = {n: [1.0 / (1 + rng.random() * k) for k in range(1, 65)] for n in names}
+    full = cost({n: 64 for n in names})
+    for frac in (0.3, 0.5, 0.8):
+        got = allocate(opts, lambda n, k: curves[n][k - 1], cost, frac * full)
+        assert cost(got) <= frac * full * (1 + 1e-12)
+    with pytest.raises(GslimError, match="unreachable"):
+        allocate(opts, lambda n, k: curves[n][k - 1], cost, 0.001 * full)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_table_cache_key_changes_with_threads_and_precision(tmp_path, monkeypatch):
+    from gslim.compress.latency_table import LatencySettings, LatencyTable
+
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path))
+    base = LatencyTable.open(LatencySettings(threads=1))
+    assert base.path.parent == tmp_path / "latency"
+    assert LatencyTable.open(LatencySettings(threads=1)).path == base.path  # the same context: the same table
+    assert LatencyTable.open(LatencySettings(threads=2)).path != base.path
+    assert LatencyTable.open(LatencySettings(precision="fp16")).path != base.path
+    assert LatencyTable.open(LatencySettings(batch=8)).path != base.path
+    base.entries["x"] = 1.0
+    base.save()
+    # a table measured under another context is refused by name, never silently reused
+    with pytest.raises(GslimError, match="threads"):
+        LatencyTable.open(LatencySettings(threads=4), path=base.path)
+
+
+def test_table_measures_real_layers_once(tmp_path, monkeypatch):
+    from gslim.compress.latency_table import LatencySettings, LatencyTable, LayerShape
+
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path))
+    settings = LatencySettings(min_iters=3, min_seconds=0.0, warmup_s=0.0, rounds=1)
+    shapes = [LayerShape("conv", 8, c, kernel=(3, 3), padding=(1, 1), hw=(8, 8)) for c in (8, 16)]
+    shapes.append(LayerShape("linear", 16, 4))
+    table = LatencyTable.open(settings)
+    table.measure(shapes, settings)
+    assert table.measured_now == 3 and all(table.lookup(s) > 0 for s in shapes)
+    again = LatencyTable.open(settings)
+    again.measure(shapes, settings)
+    assert again.measured_now == 0 and again.entries == table.entries
+    data = json.loads(table.path.read_text())
+    assert data["format"] == "gslim-latency-table" and data["context"]["threads"] == 1
+
+
+def _mac_timer(monkeypatch, slow: float = 1.0):
+    """Layer and model times proportional to MACs (a deterministic stand-in for a runtime); the
+    whole slim model measures ``slow`` times what its MACs say."""
+    import gslim.compress.latency_table as lat
+    from gslim.models import count_macs_params
+
+    def layers(shapes, settings):
+        out = {}
+        for s in shapes:
+            hw = s.hw[0] * s.hw[1] // (s.stride[0] * s.stride[1])
+            out[s.key()] = 1e-6 * s.cout * (s.cin // s.groups) * s.kernel[0] * s.kernel[1] * hw + 1e-3
+        return out
+
+    def model_ms(model, input_size, settings, table=None, *, others=None, **kw):
+        ms = 1e-6 * count_macs_params(model, input_size)[0]
+        if others is None:
+            return ms
+        return {
+            "model": slow * ms,
+            **{k: 1e-6 * count_macs_params(m, input_size)[0] for k, m in others.items()},
+        }
+
+    monkeypatch.setattr(lat, "_time_layers", layers)
+    monkeypatch.setattr(lat, "measure_model", model_ms)
+
+
+def _latency_run(tmp_path, monkeypatch, overrides, criterion="l1"):
+    from gslim.compress.select import compress_model
+    from gslim.compress.stage import compress_to_latency
+    from gslim.models import build_model
+    from gslim.recipe import parse_recipe
+
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path))
+    r = parse_recipe(
+        {
+            "model": {"arch": "mobilenet_v2", "num_classes": 4, "input_size": 32},
+            "compress": {"criterion": criterion, **overrides},
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 4).eval()
+    x = torch.randn(8, 3, 32, 32)
+    said = []
+
+    def run(latency=None, curves=None):
+        return compress_model(model, 32, x, None, r.compress, latency=latency, curves=curves, batch_size=8)
+
+    return compress_to_latency(r, model, 32, run, say=said.append), said
+
+
+def test_closed_loop_tightens_when_the_backend_is_slower_than_predicted(tmp_path, monkeypatch):
+    _mac_timer(monkeypatch, slow=1.3)
+    (res, info), said = _latency_run(tmp_path, monkeypatch, {"target_latency": "50%"})
+    rounds = info["rounds"]
+    assert len(rounds) >= 2 and sum("latency round" in s for s in said) == len(rounds)
+    assert rounds[0]["measured_ms"] > rounds[0]["budget_ms"] * 1.03  # round 1 was over budget
+    assert rounds[1]["planning_target_ms"] < rounds[0]["planning_target_ms"]  # so it tightened
+    assert info["measured_ms"] <= info["budget_ms"] * 1.03
+
+
+def test_latency_budget_is_met_on_an_exact_backend(tmp_path, monkeypatch):
+    _mac_timer(monkeypatch, slow=1.0)
+    (res, info), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "60%"}, criterion="greedy")
+    assert info["measured_ms"] <= info["budget_ms"] * 1.03
+    assert abs(info["prediction_error"]) < 0.1 and res.budget["allocation"] == "knapsack"
+    assert res.budget["metric"] == "latency" and res.widths
+
+
+def test_unreachable_budget_and_unknown_backend_are_clear_errors(tmp_path, monkeypatch, make_recipe, run_cli):
+    _mac_timer(monkeypatch)
+    with pytest.raises(GslimError, match="unreachable: at the minimum widths"):
+        _latency_run(tmp_path, monkeypatch, {"target_latency": "1%"})
+    recipe = make_recipe({"model.arch": "mobilenet_v3_small"})
+    res = run_cli(
+        ["compress", recipe, "--target-latency", "50%", "--latency-backend", "nope", "--no-progress"]
+    )
+    assert (
+        res.code == 2 and "unknown backend 'nope'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_latency_backend_is_one_clear_error(tmp_path, monkeypatch, make_recipe, run_cli):
+    from gslim.models import ModelSpec, build_model, save_checkpoint
+
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path / "cache"))
+    ck = tmp_path / "base.pt"
+    save_checkpoint(build_model("mobilenet_v3_small", 4).eval(), ModelSpec("mobilenet_v3_small", 4, 32), ck)
+    recipe = make_recipe({"model.arch": "mobilenet_v3_small"})
+    res = run_cli(
+        [
+            "compress",
+            recipe,
+            "--model",
+            ck,
+            "--target-latency",
+            "50%",
+            "--latency-backend",
+            "torch-cuda",
+            "--no-progress",
+        ]
+    )
+    assert res.code != 0 and "torch-cuda cannot run here" in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 2 and not (tmp_path / "run" / "slim.pt").exists()
+
+
+def test_cli_latency_budget_end_to_end_on_ort_cpu(tmp_path, monkeypatch, make_recipe, run_cli):
+    """Real timings on this machine (values are not checked, only that they are recorded)."""
+    from gslim.models import ModelSpec, build_model, save_checkpoint
+
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path / "cache"))
+    ck = tmp_path / "base.pt"
+    torch.manual_seed(0)
+    save_checkpoint(build_model("mobilenet_v3_small", 4).eval(), ModelSpec("mobilenet_v3_small", 4, 32), ck)
+    recipe = make_recipe(
+        {
+            "model.arch": "mobilenet_v3_small",
+            "compress.latency.grid": 3,
+            "compress.latency.max_rounds": 2,
+            "compress.latency.tolerance": 0.5,
+        }
+    )
+    res = run_cli(
+        [
+            "compress",
+            recipe,
+            "--model",
+            ck,
+            "--target-latency",
+            "80%",
+            "--latency-backend",
+            "ort-cpu",
+            "--no-progress",
+        ]
+    )
+    assert res.code == 0, res.stderr
+    assert "latency round 1" in res.stderr and "latency on ort-cpu" in res.stdout
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    lat = sel["latency"]
+    assert {"budget_ms", "predicted_ms", "measured_ms", "prediction_error", "rounds", "table"} <= lat.keys()
+    assert lat["table"]["measured_now"] > 0 and sel["budget"]["metric"] == "latency"
+    assert lat["measured_ms"] <= lat["budget_ms"] * 1.5
