@@ -210,7 +210,7 @@ class CompressConfig(_Section):
     allocation: Optional[Literal["eps", "knapsack"]] = Field(
         None,
         description="how widths meet the budget: one error tolerance for all units (eps) or the least "
-        "total error per cost (knapsack); default knapsack for latency budgets, eps otherwise",
+        "total greedy error within the budget (knapsack, the default)",
     )
     round_to: int = Field(8, ge=1)
     min_width: int = Field(8, ge=1)

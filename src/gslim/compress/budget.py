@@ -18,9 +18,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from gslim.compress.units import Unit, UnitGraph
+from gslim.compress.units import Unit, UnitGraph, layer_roles, shaped
 from gslim.errors import GslimError
 
 
@@ -45,18 +44,8 @@ class CostModel:
 
         self.units = {u.name: u for u in units}
         self.full = {u.name: u.width for u in units}
-        reads, writes, carries = {}, {}, {}
-        for u in units:
-            for m in u.readers:
-                reads[m] = u.name
-            for m in u.producers + u.gate_producers:
-                writes[m] = u.name
-            for m in u.members:
-                carries[m] = u.name
-        gm = graph.traced
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
+        reads, writes, carries = layer_roles(units)
+        gm = shaped(graph, input_size)
         mods = dict(gm.named_modules())
         self.layers: list[_Layer] = []
         for node in gm.graph.nodes:

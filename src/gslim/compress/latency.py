@@ -35,7 +35,7 @@ from torch import nn
 from gslim.compress import latency_table
 from gslim.compress.budget import round_width
 from gslim.compress.latency_table import ONNX_BACKENDS, LatencySettings, LatencyTable, LayerShape
-from gslim.compress.units import Unit, UnitGraph
+from gslim.compress.units import Unit, UnitGraph, layer_roles, shaped
 
 # ----------------------------------------------------------------------------- the model's layers
 
@@ -63,20 +63,8 @@ class _Layer:
 
 def model_layers(graph: UnitGraph, units: list[Unit], input_size: int) -> list[_Layer]:
     """Every conv/linear layer that reads, writes or carries a unit's channels, with its shape."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    reads, writes, carries = {}, {}, {}
-    for u in units:
-        for m in u.readers:
-            reads[m] = u.name
-        for m in u.producers + u.gate_producers:
-            writes[m] = u.name
-        for m in u.members:
-            carries[m] = u.name
-    gm = graph.traced
-    device = next(gm.parameters()).device
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
+    reads, writes, carries = layer_roles(units)
+    gm = shaped(graph, input_size)
     mods = dict(gm.named_modules())
     layers = []
     for node in gm.graph.nodes:

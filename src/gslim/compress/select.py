@@ -18,8 +18,9 @@ Criteria (one interface, same units, same surgery):
   the first channels, i.e. a narrower network) — baselines without re-fitting.
 
 Widths come from eps (greedy: per unit, the fewest channels with relative error <= eps),
-or from a MACs/params budget: greedy spreads it by searching eps on error curves measured
-on the original network, the others by one uniform keep ratio.
+or from a MACs, params or latency budget: greedy spends it by a knapsack over error curves
+measured on the original network (the least total error within the budget; ``allocation: eps``
+searches one eps for all units instead), the others by one uniform keep ratio.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def compress_model(
     if cfg.eps is None:
         cost = budget_mod.CostModel(work, graph, input_size, units)
         budget, lat_model = _budget(cfg, cost, latency, work, graph, units, input_size)
-        allocation = cfg.allocation or ("knapsack" if budget.metric == "latency" else "eps")
+        allocation = cfg.allocation or "knapsack"  # measured better than eps: benchmarks/allocation.py
         if criterion.plans_from_curves:
             curves = curves or planning_curves(original, graph, units, batches, cfg, gen)
             if allocation == "knapsack":

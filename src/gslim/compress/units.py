@@ -445,3 +445,28 @@ def _dedupe(items: list[str]) -> list[str]:
     for it in items:
         seen.setdefault(it, None)
     return list(seen)
+
+
+def layer_roles(units: list[Unit]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """module name -> unit name for the layers that read, write (produce or gate) and carry
+    (batchnorm, depthwise) each unit's channels: what a cost model needs to price widths."""
+    reads, writes, carries = {}, {}, {}
+    for u in units:
+        for m in u.readers:
+            reads[m] = u.name
+        for m in u.producers + u.gate_producers:
+            writes[m] = u.name
+        for m in u.members:
+            carries[m] = u.name
+    return reads, writes, carries
+
+
+def shaped(graph: UnitGraph, input_size: int) -> fx.GraphModule:
+    """The traced graph with every node's tensor shape at batch 1 and ``input_size`` (ShapeProp)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = graph.traced
+    device = next(gm.parameters()).device
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
+    return gm
