@@ -175,13 +175,19 @@ def knapsack_widths(
     try:
         return allocate(options, error, lambda w: budget.measure(cost, w), budget.target)
     except GslimError as exc:
-        base = budget.measure(cost, cost.full)
-        floor = budget.measure(cost, {n: o[0] for n, o in options.items()})
-        raise GslimError(
-            f"target {budget.metric} {budget.target:,.4g} ({100 * budget.target / base:.1f}% of the model) is "
-            f"unreachable: at the minimum widths the model still has {floor:,.4g} ({100 * floor / base:.1f}%); "
-            "lower compress.min_width or round_to, or raise the target"
-        ) from exc
+        raise unreachable(budget, cost, {n: o[0] for n, o in options.items()}) from exc
+
+
+def unreachable(budget: Budget, cost: CostModel, floor: dict[str, int]) -> GslimError:
+    """The one error for a budget that the minimum widths ``floor`` already exceed."""
+    base, smallest = budget.measure(cost, cost.full), budget.measure(cost, floor)
+    fmt = ",.4g" if budget.metric == "latency" else ",.0f"
+    unit = " ms" if budget.metric == "latency" else ""
+    return GslimError(
+        f"target {budget.metric} {budget.target:{fmt}}{unit} ({100 * budget.target / base:.1f}% of the model) is "
+        f"unreachable: at the minimum widths the model still has {smallest:{fmt}}{unit} "
+        f"({100 * smallest / base:.1f}%); lower compress.min_width or round_to, or raise the target"
+    )
 
 
 def round_width(k: int, full: int, round_to: int, min_width: int) -> int:
@@ -227,13 +233,7 @@ def _search(
     """
     floor = widths_at(lo if increasing else hi)
     if budget.measure(cost, floor) > budget.target * (1 + 1e-9):
-        smallest = budget.measure(cost, floor)
-        base = budget.measure(cost, cost.full)
-        raise GslimError(
-            f"target {budget.metric} {budget.target:,.0f} ({100 * budget.target / base:.1f}% of the model) is "
-            f"unreachable: at the minimum widths the model still has {smallest:,.0f} "
-            f"({100 * smallest / base:.1f}%); lower compress.min_width or round_to, or raise the target"
-        )
+        raise unreachable(budget, cost, floor)
     good = lo if increasing else hi
     for _ in range(60):
         mid = (lo + hi) / 2

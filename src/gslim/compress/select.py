@@ -137,8 +137,8 @@ def compress_model(
             "metric": budget.metric,
             "target": budget.target,
             "target_fraction": budget.target / base,
-            "planned": budget.measure(cost, widths),
-            "planned_fraction": budget.measure(cost, widths) / base,
+            "planned": (planned := budget.measure(cost, widths)),
+            "planned_fraction": planned / base,
             "allocation": allocation,
         }
         if lat_model is not None:
