@@ -72,6 +72,42 @@ def build_segments(gm: fx.GraphModule, cuts: list[int], root: Optional[nn.Module
     return segments
 
 
+@dataclass
+class SegmentTail:
+    """A segment split at a node: ``head(x)`` returns the values alive across the cut, and
+    ``tail(*live)`` computes the segment's output from them. Rerunning only the tail after a
+    unit's surgery reuses everything before its consumer (kept channels' values do not change)."""
+
+    head: fx.GraphModule
+    tail: fx.GraphModule
+    live: list[str]  # names of the head's nodes that the tail reads, in its placeholder order
+
+
+def split_segment(seg: fx.GraphModule, at: str) -> Optional[SegmentTail]:
+    """Split ``seg`` before its ``call_module`` node of module ``at`` (None: no such node)."""
+    nodes = list(seg.graph.nodes)
+    cut = next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == at), None)
+    if cut is None:
+        return None
+    later = set(nodes[cut:])
+    # get_attr values are recreated in the tail (after surgery they must be the new tensors)
+    live = [n for n in nodes[:cut] if n.op != "get_attr" and any(u in later for u in n.users)]
+    head = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes[:cut]:
+        env[n] = head.node_copy(n, lambda m: env[m])
+    head.output(tuple(env[n] for n in live))
+    tail = fx.Graph()
+    tenv: dict[fx.Node, fx.Node] = {n: tail.placeholder(f"live_{i}") for i, n in enumerate(live)}
+    for n in nodes[:cut]:
+        if n.op == "get_attr" and any(u in later for u in n.users):
+            tenv[n] = tail.node_copy(n, lambda m: tenv[m])
+    for n in nodes[cut:]:
+        tenv[n] = tail.node_copy(n, lambda m: tenv[m])
+    root = seg
+    return SegmentTail(fx.GraphModule(root, head), fx.GraphModule(root, tail), [n.name for n in live])
+
+
 def unit_span(unit: Unit, node_index: dict[str, int], call_node: dict[str, str]) -> tuple[int, int]:
     inside = unit.producers + unit.gate_producers + unit.members + unit.inner_readers
     start = min(node_index[call_node[m]] for m in inside)

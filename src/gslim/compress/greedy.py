@@ -5,9 +5,11 @@ that turn a budget into per-unit widths."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from gslim.compress import budget as budget_mod
@@ -20,6 +22,7 @@ from gslim.compress.calibrate import (
     cut_points,
     kernel_group,
     row_fraction,
+    split_segment,
     target_rows,
     unit_span,
 )
@@ -171,20 +174,17 @@ def run_greedy(
     orig_act, work_act = list(batches), list(batches)
     with torch.no_grad():
         for s, (oseg, wseg) in enumerate(zip(orig_segs, work_segs)):
-
-            def run(orig_act=orig_act, work_act=work_act, oseg=oseg, wseg=wseg):
-                for xo, xw in zip(orig_act, work_act):
-                    oseg.module(xo)
-                    wseg.module(xw)
-
-            for u in sorted(by_segment.get(s, []), key=lambda u: u.order):
+            seg_units = sorted(by_segment.get(s, []), key=lambda u: u.order)
+            walk = _SegmentWalk(oseg.module, wseg.module, orig_act, work_act, seg_units, graph)
+            for u in seg_units:
                 k = widths.get(u.name, u.width) if widths is not None else None
-                reports.append(_select_unit(sel, u, k, run))
+                width = u.width
+                reports.append(_select_unit(sel, u, k, walk.run_for(u)))
+                walk.unit_done(u, width, sorted(reports[-1].order))
                 done += 1
                 if progress:
                     progress(u.name, done, len(units))
-            orig_act = [oseg.module(x) for x in orig_act]
-            work_act = [wseg.module(x) for x in work_act]
+            orig_act, work_act = walk.advance()
     if residual:
 
         def run_whole():
@@ -199,6 +199,99 @@ def run_greedy(
             if progress:
                 progress(u.name, done, len(units))
     return reports
+
+
+# Cached activations at a consumer may take at most this many bytes (else the segment is rerun whole).
+RESUME_CACHE_BYTES = 2 << 30
+
+
+class _SegmentWalk:
+    """One segment of the walk: its statistics passes, then the activations the next segment reads.
+
+    The original network's segment output is the same in every pass, so it is kept from the
+    first pass instead of being computed again. The pruned network's segment is split before
+    the first consumer of its last unit: that unit's passes keep the values alive there, and
+    after its surgery only the tail (the consumer onwards) runs again, on those values with the
+    dropped channels sliced off (kept channels' values do not change). The first batch is also
+    recomputed whole and compared, so a graph this does not capture costs time, never accuracy.
+    """
+
+    def __init__(self, oseg, wseg, orig_act, work_act, units: list[Unit], graph: UnitGraph):
+        self.oseg, self.wseg = oseg, wseg
+        self.orig_act, self.work_act = orig_act, work_act
+        self.orig_out: Optional[list[torch.Tensor]] = None
+        self.last = units[-1] if units else None
+        self.split = None
+        self.live: Optional[list[tuple]] = None
+        self.keep: Optional[tuple[int, torch.Tensor]] = None  # the last unit's (width before, kept)
+        self.consumer_inputs: list[int] = []  # live values read by its consumers: in its channel space
+        if self.last is not None:
+            first = min(self.last.consumers, key=lambda c: graph.node_index[graph.consumer_node[c]])
+            self.split = split_segment(wseg, first)
+        if self.split is not None:
+            consumer_args = {
+                n.args[0].name
+                for n in wseg.graph.nodes
+                if n.op == "call_module"
+                and n.target in self.last.consumers
+                and isinstance(n.args[0], fx.Node)
+            }
+            self.consumer_inputs = [i for i, name in enumerate(self.split.live) if name in consumer_args]
+
+    def run_for(self, u: Unit) -> Callable[[], None]:
+        capture = u is self.last and self.split is not None
+
+        def run() -> None:
+            keep_orig = self.orig_out is None
+            outs, live, size = [], [], 0
+            for xo, xw in zip(self.orig_act, self.work_act):
+                yo = self.oseg(xo)
+                if keep_orig:
+                    outs.append(yo)
+                if capture and size <= RESUME_CACHE_BYTES:
+                    values = self.split.head(xw)
+                    self.split.tail(*values)
+                    live.append(values)
+                    size += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+                else:
+                    self.wseg(xw)
+            if keep_orig:
+                self.orig_out = outs
+            if capture:  # the latest pass is the one after any surgery but the consumer's re-fit
+                self.live = live if size <= RESUME_CACHE_BYTES else None
+
+        return run
+
+    def unit_done(self, u: Unit, width: int, keep: list[int]) -> None:
+        if u is self.last and self.live is not None:
+            self.keep = (width, torch.as_tensor(keep, dtype=torch.long))
+
+    def advance(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        orig = self.orig_out if self.orig_out is not None else [self.oseg(x) for x in self.orig_act]
+        if self.live is None or self.keep is None:
+            return orig, [self.wseg(x) for x in self.work_act]
+        width, keep = self.keep
+        work = [self.split.tail(*self._sliced(values, width, keep)) for values in self.live]
+        self.live = None
+        check = self.wseg(self.work_act[0])
+        if not torch.allclose(
+            work[0], check, rtol=1e-4, atol=1e-5 * float(check.abs().max().clamp_min(1e-12))
+        ):
+            warnings.warn(
+                "greedy: resuming a segment from its consumer did not reproduce the segment's output; "
+                "it was recomputed whole (a graph this shortcut does not capture)",
+                stacklevel=2,
+            )
+            return orig, [self.wseg(x) for x in self.work_act]
+        return orig, work
+
+    def _sliced(self, values: tuple, width: int, keep: torch.Tensor) -> tuple:
+        out = list(values)
+        for i in self.consumer_inputs:
+            v = out[i]
+            if v.shape[1] == width and keep.numel() < width:  # captured before the surgery: slice it
+                out[i] = v.index_select(1, keep.to(v.device))
+        return tuple(out)
 
 
 def _collect(

@@ -1,0 +1,64 @@
+"""The greedy walk's shortcuts (compress/greedy.py, _SegmentWalk) change the cost, never the result.
+
+After a unit's surgery the walk reruns only the segment's tail, from its consumer, on cached
+values with the dropped channels sliced off, and keeps the original segment's output from the
+first pass. Both must give what rerunning everything gives, and a graph the shortcut does not
+capture must fall back to the full rerun (with a warning), not to a wrong selection.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from gslim.compress import greedy
+from gslim.compress.select import compress_model
+from gslim.recipe import CompressConfig
+
+
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    for m in model.modules():  # non-trivial BN so that channels differ in what they carry
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.2, 1.5)
+    return model
+
+
+def _compress(model: torch.nn.Module, x: torch.Tensor):
+    cfg = CompressConfig(criterion="greedy", target_macs=0.5, round_to=8, bn_recalib=False)
+    res = compress_model(model, 32, x, None, cfg, seed=0, batch_size=16)
+    return res, {u.name: list(u.order) for u in res.units}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
+def test_resuming_from_the_consumer_selects_what_a_full_rerun_selects(arch, monkeypatch):
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the shortcut must not fall back here
+        fast, fast_orders = _compress(_model(arch), x)
+    monkeypatch.setattr(greedy, "RESUME_CACHE_BYTES", -1)  # no cached values: every segment rerun whole
+    slow, slow_orders = _compress(_model(arch), x)
+    assert fast.widths == slow.widths and fast_orders == slow_orders
+    with torch.no_grad():
+        torch.testing.assert_close(fast.model(x[:8]), slow.model(x[:8]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_shortcut_that_does_not_reproduce_the_segment_falls_back_to_the_full_rerun(monkeypatch):
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref, ref_orders = _compress(_model("mobilenet_v3_small"), x)
+    # cached values that are not what the segment computes (stale ones, say): the tail is wrong
+    sliced = greedy._SegmentWalk._sliced
+    monkeypatch.setattr(
+        greedy._SegmentWalk,
+        "_sliced",
+        lambda self, values, width, keep: tuple(1.5 * v for v in sliced(self, values, width, keep)),
+    )
+    with pytest.warns(UserWarning, match="recomputed whole"):
+        res, orders = _compress(_model("mobilenet_v3_small"), x)
+    assert res.widths == ref.widths and orders == ref_orders
