@@ -89,6 +89,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="fine-tune peak lr at batch 256 (default: the recipe's finetune.lr); use with --tag",
     )
     ap.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the recipe's finetune section for every method (repeatable; value as "
+        "YAML), e.g. holdout_confidence=0; use with --tag",
+    )
+    ap.add_argument(
         "--finetune-steps", type=int, default=None, help="cap fine-tune steps per epoch (smoke runs)"
     )
     ap.add_argument(
@@ -453,9 +461,33 @@ def settings_key(ctx: Context, arch: str, budget: str, base_digest: str) -> dict
         "quick": a.quick,
         "recipe": str(a.recipe),
         **({"finetune_lr": a.finetune_lr} if a.finetune_lr is not None else {}),
+        **({"finetune_set": sorted(a.finetune_set)} if a.finetune_set else {}),
+        # gslim's fine-tune defaults (lr rule, held-out selection): a change of them reruns the fine-tunes
+        "finetune_defaults": _finetune_defaults(),
         # gslim's compress defaults (ridge, ...): a change of defaults invalidates the cache
         "compress_defaults": _compress_defaults(),
     }
+
+
+def _finetune_defaults() -> dict:
+    from gslim.recipe import FinetuneConfig
+    from gslim.train import finetune_lr
+
+    d = FinetuneConfig().model_dump(mode="json")
+    rule = {"FACTOR": finetune_lr.FACTOR}
+    return {**{k: d[k] for k in sorted(d) if k.startswith("holdout") or k == "lr"}, "lr_rule": rule}
+
+
+def finetune_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--finetune-set takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _compress_defaults() -> dict:
@@ -485,6 +517,7 @@ def run_method(
 ) -> dict:
     from gslim.compress.calibrate import recalibrate_bn, split_batches
     from gslim.compress.select import compress_model
+    from gslim.compress.stage import base_training_lr
     from gslim.export.onnx import export_onnx
     from gslim.models import ModelSpec, count_macs_params
     from gslim.train import fit
@@ -544,8 +577,10 @@ def run_method(
             "device": "cpu",
             "max_steps_per_epoch": a.finetune_steps,
             "lr": a.finetune_lr or recipe.finetune.lr,
+            **finetune_overrides(a.finetune_set),
         }
     )
+    ft = type(ft).model_validate(ft.model_dump())  # the overrides validated like a recipe's
     data = recipe.data.model_copy(update={"train_images": a.finetune_images})
     ft_spec = ModelSpec(
         arch,
@@ -576,7 +611,11 @@ def run_method(
         output_name="finetuned.pt",
         progress=False,
         quiet=True,
+        lr_reference=base_training_lr(spec.meta, recipe),
     )
+    sel = r.metrics.get("selection") or {}
+    row["finetune_kept"] = "start" if sel.get("kept_start") else (sel.get("kept") or {}).get("step")
+    row["finetune_lr"] = (sel.get("lr") or {}).get("lr", ft.lr)
     row["finetune_s"] = time.perf_counter() - t0
     row["finetuned_top1"] = float(r.metrics["val_top1"])
     export_onnx(model.eval(), size, work / "model.onnx", opset=a.opset, dynamic_batch=True)

@@ -126,3 +126,21 @@ def test_latency_budget_quick(tmp_path):
     (row,) = report["rows"]
     assert row["measured_ms"] > 0 and row["predicted_ms"] > 0 and row["measured_now_first"] > 0
     assert "| mobilenet_v3_small | 85% |" in proc.stdout and "latency round 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_quick(tmp_path):
+    """benchmarks/finetune.py --quick: one row per (criterion, budget, variant), cached on rerun."""
+    args = ["benchmarks/finetune.py", "--quick", "--out", str(tmp_path), "--budgets", "50%"]
+    args += ["--criteria", "greedy", "--variants", "auto:lr=auto", "fixed:lr=0.01,holdout_confidence=0"]
+    proc = _run(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| greedy | 50% |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["auto", "fixed"]
+    results = sorted((tmp_path / "quick" / "finetune").rglob("result.json"))
+    assert len(results) == 2
+    auto = json.loads(next(p for p in results if p.parent.name == "auto").read_text())
+    assert auto["lr_rule"]["factor"] > 0 and auto["lr"] == auto["lr_rule"]["lr"]
+    again = _run(args, timeout=300)
+    assert again.returncode == 0 and "training the base" not in again.stderr
+    assert [line for line in again.stdout.splitlines() if line.startswith("| greedy | 50% |")] == rows

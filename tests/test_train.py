@@ -432,8 +432,9 @@ def test_torchrun_two_processes_on_cpu(make_recipe, tmp_path):
     model, spec = load_model(run_dir / "base.pt")
     assert spec.arch == "mobilenet_v3_small" and spec.meta["train"]["world_size"] == 2
     state = torch.load(run_dir / "last.pt", weights_only=True)
-    # 64 images over 2 ranks at batch 16: 2 steps per epoch per rank
-    assert state["signature"]["world_size"] == 2 and state["signature"]["steps_per_epoch"] == 2
+    # 64 images minus the fine-tune's held-out 12 (a fifth, left out of the base's training) over
+    # 2 ranks at batch 16: 1 step per epoch per rank
+    assert state["signature"]["world_size"] == 2 and state["signature"]["steps_per_epoch"] == 1
     lines = (run_dir / "train_log.jsonl").read_text().splitlines()
     assert len(lines) == 1  # rank 0 alone logs
     assert json.loads(lines[0])["val_top1"] >= 0
@@ -461,3 +462,37 @@ def test_cli_resume_continues_an_interrupted_run(make_recipe, run_cli, tmp_path)
     lines = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert json.loads((run_dir / "train_env.json").read_text())["resumed_after_epoch"] == 1
+
+
+@pytest.mark.parametrize("images", [0, 48])
+def test_the_base_gets_precise_batchnorm_statistics(make_recipe, tmp_path, images):
+    """After training, base.pt holds BatchNorm statistics re-estimated on the calibration images
+    (the running averages lag the final weights); 0 keeps the running averages."""
+    from gslim.compress.calibrate import recalibrate_bn
+    from gslim.data import calibration_batch
+    from gslim.models import load_model
+    from gslim.recipe import load_recipe
+    from gslim.train.stage import train_stage
+
+    path = make_recipe(
+        {
+            "model.arch": "mobilenet_v3_small",
+            "train.max_steps_per_epoch": 3,
+            "train.precise_bn_images": images,
+        }
+    )
+    recipe = load_recipe(path)
+    result = train_stage(recipe, tmp_path / "run", progress=False)
+    model, spec = load_model(tmp_path / "run" / "base.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    x, _ = calibration_batch(recipe.data, spec.input_size, spec.num_classes, recipe.seed, count=images or 48)
+    recalibrate_bn(model, list(x.split(recipe.data.eval_batch_size or recipe.data.batch_size * 2)))
+    after = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    same = all(torch.allclose(before[k], after[k], rtol=1e-4, atol=1e-6) for k in before)
+    assert same == bool(images)  # already the exact statistics of those images, or not
+    info = spec.meta["train"].get("precise_bn")
+    if images:
+        assert info["images"] == images and spec.meta["train"]["val_top1"] == info["val_top1"]
+        assert result.metrics["val_top1"] == info["val_top1"]
+    else:
+        assert info is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,21 +77,42 @@ class TrainConfig(_Section):
     distill: Optional[DistillConfig] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+    precise_bn_images: int = Field(
+        2048,
+        ge=0,
+        description="train stage: re-estimate the base's BatchNorm statistics on this many calibration "
+        "images after training (precise BN: the running averages lag the final weights; 0: keep them). "
+        "Fine-tunes do not use it",
+    )
 
 
 class FinetuneConfig(TrainConfig):
     epochs: int = Field(1, ge=0)
-    lr: float = Field(0.02, gt=0.0)
-    warmup_epochs: float = Field(0.0, ge=0.0)
+    lr: Union[Annotated[float, Field(gt=0.0)], Literal["auto"]] = Field(
+        "auto",
+        description="peak learning rate at batch_size 256 (scaled linearly), or 'auto': half the base's "
+        "training lr (from its checkpoint when gslim trained it, else train.lr; gslim.train.finetune_lr)",
+    )
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, description="no warm-up by default: the start is a trained model, not a random one"
+    )
     distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)
     holdout_images: int = Field(
-        2000,
+        5000,
         ge=0,
-        description="training images held out (never the calibration or validation images) to score "
-        "the starting model and each checkpoint; the best is kept, so the result is never worse there than the "
-        "start (0: keep the last checkpoint)",
+        description="training images held out (never the calibration or validation images; at most a fifth "
+        "of the training set; the train stage leaves them out too) to score the starting model and each "
+        "checkpoint; the best is kept, so the result is never worse there than the start (0: keep the last "
+        "checkpoint)",
     )
     holdout_evals_per_epoch: int = Field(4, ge=1, description="checkpoints scored on the hold-out per epoch")
+    holdout_confidence: float = Field(
+        0.95,
+        ge=0.0,
+        lt=1.0,
+        description="a checkpoint replaces the starting model only if a paired (McNemar) test on the "
+        "held-out images says it is better with this confidence (0: any gain in top-1 is enough)",
+    )
 
 
 def parse_budget(value: Any) -> Any:

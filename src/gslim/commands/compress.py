@@ -150,7 +150,12 @@ def finetune_cmd(
     ),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Distil from the teacher."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate at batch 256."),
+    lr: Optional[str] = typer.Option(
+        None,
+        "--lr",
+        help="Peak learning rate at batch 256, or 'auto' (the default): half the base's training lr "
+        "(finetune.lr).",
+    ),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Output directory (default runs/NAME)."),
     output: str = typer.Option("finetuned.pt", "--output", help="File name of the result in RUN_DIR."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN_DIR/finetune_last.pt."),

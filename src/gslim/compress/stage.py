@@ -154,7 +154,8 @@ def finetune_stage(
             tpath = Path(base) if base and Path(base).is_file() else run_dir / "base.pt"
         if not Path(tpath).is_file():
             raise GslimError(f"distillation teacher {tpath} not found: pass --teacher or use --no-distill")
-        teacher, _ = load_model(tpath, num_classes=spec.num_classes)
+        teacher, teacher_spec = load_model(tpath, num_classes=spec.num_classes)
+    base_meta = teacher_spec.meta if teacher is not None else _base_meta(spec)
     spec.meta = {**spec.meta, "stage": "finetune", "teacher": str(tpath) if teacher is not None else None}
     result = fit(
         model,
@@ -171,8 +172,34 @@ def finetune_stage(
         last_name="finetune_last.pt",
         progress=progress,
         description="finetune",
+        lr_reference=base_training_lr(base_meta, recipe),
     )
     return {"model": str(result.final_path), "epochs": result.epochs, "metrics": result.metrics}
+
+
+def _base_meta(spec) -> dict:
+    """The base checkpoint's meta (what it was trained with), when the slim model names one."""
+    from gslim.models import read_checkpoint
+
+    base = (spec.meta or {}).get("base")
+    if base and Path(base).is_file():
+        try:
+            return read_checkpoint(Path(base))[0].meta or {}
+        except GslimError:  # not a gslim checkpoint (a torchvision file): nothing recorded
+            return {}
+    return {}
+
+
+def base_training_lr(base_meta: Optional[dict], recipe: Recipe) -> dict:
+    """How the base model was trained (peak lr at batch 256, optimizer): from its checkpoint when
+    gslim trained it, else the recipe's train section. An 'auto' fine-tuning lr derives from it."""
+    train = (base_meta or {}).get("train") or {}
+    if isinstance(train.get("lr"), (int, float)) and train.get("optimizer"):
+        return {"lr": float(train["lr"]), "optimizer": train["optimizer"], "source": "the base checkpoint"}
+    cfg = recipe.train
+    if cfg is None:
+        return {}
+    return {"lr": cfg.lr, "optimizer": cfg.optimizer, "source": "the recipe's train section"}
 
 
 def compress_to_latency(

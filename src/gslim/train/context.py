@@ -57,6 +57,9 @@ class TrainRun:
     holdout_state: Optional[dict] = None
     steps_per_epoch: int = 0
     peak_lr: float = 0.0
+    lr_rule: Optional[dict] = None  # how an 'auto' fine-tuning lr was derived (also in last.pt)
+    lr_reference: Optional[dict] = None  # the base's training lr and optimizer, for an 'auto' lr
+    reserve_holdout: int = 0  # a base's training leaves out the fine-tune's held-out slice of this size
     total_steps: int = 0
     warmup_steps: int = 0
     signature: dict = field(default_factory=dict)
@@ -68,13 +71,17 @@ class TrainRun:
         if self.info.is_main and not self.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    def score(self, loader: DataLoader) -> dict:
+    def score(self, loader: DataLoader, per_image: bool = False) -> dict:
         sync_buffers(self.model, self.info)  # with rank 0's BatchNorm statistics, the ones that are saved
+        return self.score_model(self.model, loader, per_image)
+
+    def score_model(self, model: Any, loader: DataLoader, per_image: bool = False) -> dict:
         return evaluate(
-            self.model,
+            model,
             loader,
             self.device,
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
             distributed=self.info.enabled,
+            per_image=per_image,
         )

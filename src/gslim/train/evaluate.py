@@ -37,18 +37,22 @@ def evaluate(
     channels_last: bool = False,
     distributed: bool = False,
     progress: bool = False,
+    per_image: bool = False,
 ) -> dict:
     """Top-1/top-5 accuracy (percent), mean cross-entropy and the number of images scored.
 
     The model is put in eval mode and restored to its previous mode afterwards. With
     ``distributed=True`` and an initialised process group, the per-rank sums are added up
-    across ranks (each rank must then score a disjoint shard).
+    across ranks (each rank must then score a disjoint shard). ``per_image`` adds ``correct``:
+    each image's top-1 hit (a bool tensor on the CPU) in the order of the dataset, which under
+    torchrun is rebuilt from the ranks' strided shards (:func:`gslim.train.loaders.val_loader`).
     """
     device = torch.device(device)
     module = unwrap(model)
     was_training = module.training
     module.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, n
+    hits: list[torch.Tensor] = []
     try:
         with bar(progress, "eval", _len_or_none(loader, max_batches)) as task:
             for i, (x, y) in enumerate(iterate_batches(loader) if isinstance(loader, DataLoader) else loader):
@@ -62,6 +66,8 @@ def evaluate(
                     out = module(x)
                 out = out.float()
                 c1, c5 = topk_correct(out, y, (1, 5))
+                if per_image:
+                    hits.append(out.argmax(dim=1).eq(y).cpu())
                 loss = F.cross_entropy(out, y, reduction="sum")
                 sums += torch.stack(
                     [
@@ -82,8 +88,35 @@ def evaluate(
     top1, top5, loss, n = sums.tolist()
     n_int = round(n)
     if n_int == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "images": 0}
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": n_int}
+        out = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "images": 0}
+    else:
+        out = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": n_int}
+    if per_image:
+        mine = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+        out["correct"] = _gather_strided(mine, device) if distributed else mine
+    return out
+
+
+def _gather_strided(mine: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The ranks' per-image hits back in dataset order: rank r scored images r, r+W, r+2W, ..."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine
+    world = dist.get_world_size()
+    count = torch.tensor([mine.numel()], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(int(c) for c in counts))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: mine.numel()] = mine.to(device=device, dtype=torch.uint8)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    total = sum(int(c) for c in counts)
+    full = torch.zeros(total, dtype=torch.bool)
+    for r, (part, c) in enumerate(zip(parts, counts)):
+        full[r::world] = part[: int(c)].cpu().bool()
+    return full
 
 
 def evaluate_on_recipe(

@@ -50,9 +50,10 @@ from gslim.train.distributed import (
     unwrap,
 )
 from gslim.train.evaluate import evaluate
+from gslim.train.finetune_lr import derive_finetune_lr, is_auto
 from gslim.train.loaders import iterate_batches, train_loader, val_loader
 from gslim.train.optim import amp_dtype_for, autocast, build_optimizer, distill_loss, lr_at_step, scaled_lr
-from gslim.train.selection import HoldoutRun, make_holdout
+from gslim.train.selection import HoldoutRun, training_split
 from gslim.train.state import (
     check_outputs,
     load_train_state,
@@ -82,6 +83,8 @@ def fit(
     description: str = "train",
     on_start: Optional[Callable[[int], None]] = None,
     on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+    lr_reference: Optional[dict] = None,
+    reserve_holdout: int = 0,
 ) -> TrainResult:
     """Train ``model`` (in place) for ``cfg.epochs`` epochs and save it to ``run_dir/output_name``.
 
@@ -92,7 +95,10 @@ def fit(
     an unfinished one: neither is replaced by a fresh start without ``force``.
     ``on_start(start_epoch)`` is called on rank 0 once the data is loaded and a resume has been
     validated, before the first step (a place to record run metadata); ``on_epoch_end(epoch,
-    log_line)`` is called on every rank after each epoch's checkpoint. Returns the final path,
+    log_line)`` is called on every rank after each epoch's checkpoint. ``lr_reference`` (``{"lr",
+    "optimizer", "source"}``: how the base model was trained) is what a fine-tune's ``lr: auto`` is
+    derived from (:mod:`gslim.train.finetune_lr`). ``reserve_holdout`` keeps the fine-tune's
+    held-out slice of that many images out of a base's training. Returns the final path,
     the number of epochs and the last epoch's log line. With ``cfg.epochs == 0`` the model is
     evaluated and saved unchanged.
     """
@@ -115,6 +121,8 @@ def fit(
             description=description,
             progress=progress,
             quiet=quiet,
+            lr_reference=lr_reference,
+            reserve_holdout=reserve_holdout,
         )
         return _fit(run, model, teacher, resume=resume, on_start=on_start, on_epoch_end=on_epoch_end)
     finally:
@@ -138,6 +146,7 @@ def _fit(
         on_start(run.start_epoch)
     barrier(run.info, run.device)
     _start_selection(run)
+    _resolve_auto_lr(run)
     run.train_model = run.model
     if run.info.enabled:
         run.train_model = nn.parallel.DistributedDataParallel(
@@ -162,12 +171,7 @@ def _prepare_data(run: TrainRun) -> None:
     from gslim.data import make_dataset
 
     cfg, data, spec, info = run.cfg, run.data, run.spec, run.info
-    run.split = make_holdout(cfg, data, spec, run.seed, run.say)
-    train_ds = (
-        run.split.train
-        if run.split
-        else make_dataset(data, "train", spec.input_size, spec.num_classes, run.seed)
-    )
+    run.split, train_ds = training_split(cfg, data, spec, run.seed, run.say, run.reserve_holdout)
     val_ds = make_dataset(data, "val", spec.input_size, spec.num_classes, run.seed)
     run.sampler = DistributedSampler(
         train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=run.seed, drop_last=False
@@ -180,7 +184,8 @@ def _prepare_data(run: TrainRun) -> None:
     if steps == 0:
         raise GslimError(f"the training set ({len(train_ds)} images) gives no batch of {data.batch_size}")
     run.steps_per_epoch = steps
-    run.peak_lr = scaled_lr(cfg.lr, data.batch_size * info.world_size)
+    # an 'auto' fine-tuning lr is known once the starting model is scored (_resolve_auto_lr)
+    run.peak_lr = 0.0 if is_auto(cfg.lr) else scaled_lr(cfg.lr, data.batch_size * info.world_size)
     run.total_steps = cfg.epochs * steps
     run.warmup_steps = round(cfg.warmup_epochs * steps)
     run.signature = schedule_signature(cfg, data, info.world_size, steps)
@@ -216,6 +221,7 @@ def _resume_or_start(run: TrainRun, resume: bool) -> None:
         run.start_epoch, run.step = int(state["epoch"]), int(state["step"])
         run.metrics = dict(state.get("metrics") or {})
         run.holdout_state = state.get("holdout")
+        run.lr_rule = state.get("lr_rule")
         if "rng" in state:
             set_rng_state(state["rng"])
         if main:
@@ -257,13 +263,30 @@ def _start_selection(run: TrainRun) -> None:
         run.score,
         run.steps_per_epoch,
         getattr(run.cfg, "holdout_evals_per_epoch", 1),
+        getattr(run.cfg, "holdout_confidence", 0.0),
     )
     if run.holdout_state is None:  # the starting model: what must not be lost
         start = run.holdout.offer(run.model, run.start_epoch, run.step)
+        text = f"{start['holdout_top1']:.2f}%"
+        if run.teacher is not None:
+            teacher = run.holdout.score_teacher(run.teacher, run.score_model)
+            text += f" (the teacher: {teacher['holdout_top1']:.2f}%)"
         run.say(
-            f"{run.description}: the starting model scores {start['holdout_top1']:.2f}% on "
-            f"{len(run.split.holdout)} held-out training images"
+            f"{run.description}: the starting model scores {text} on {len(run.split.holdout)} held-out training images"
         )
+
+
+def _resolve_auto_lr(run: TrainRun) -> None:
+    """Derive an 'auto' fine-tuning lr from the base's lr and how far the start is from the teacher."""
+    if not is_auto(run.cfg.lr):
+        return
+    if run.lr_rule is None:  # a resumed run keeps the lr it started with
+        keeper = run.holdout.keeper if run.holdout is not None else None
+        start = keeper.history[0]["holdout_top1"] if keeper and keeper.history else None
+        teacher = (keeper.teacher or {}).get("holdout_top1") if keeper else None
+        run.lr_rule = derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher)
+        run.say(f"{run.description}: lr auto = {run.lr_rule['lr']:.4g} at batch 256 ({run.lr_rule['why']})")
+    run.peak_lr = scaled_lr(run.lr_rule["lr"], run.data.batch_size * run.info.world_size)
 
 
 def _train_epoch(run: TrainRun, epoch: int) -> tuple[torch.Tensor, float, float]:
@@ -400,6 +423,7 @@ def _end_epoch(
                 run.signature,
                 metrics,
                 run.holdout.keeper if run.holdout else None,
+                run.lr_rule,
             ),
             run.last_path,
         )
@@ -434,7 +458,7 @@ def _finish(run: TrainRun) -> TrainResult:
     metrics, model = run.metrics, run.model
     selection = None
     if run.holdout is not None:
-        selection = run.holdout.keeper.summary()
+        selection = {**run.holdout.keeper.summary(), **({"lr": run.lr_rule} if run.lr_rule else {})}
         if run.holdout.restore_best(model, run.step):  # an earlier checkpoint was better: report that one
             val = run.score(run.val_loader)
             metrics = {**metrics, "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
@@ -458,6 +482,10 @@ def _finish(run: TrainRun) -> TrainResult:
                     "val_top5": metrics.get("val_top5"),
                     "distilled": run.teacher is not None,
                     "selection": selection,
+                    # what a later fine-tune's 'lr: auto' derives from (batch-256 peak lr)
+                    "lr": run.lr_rule["lr"] if run.lr_rule else run.cfg.lr,
+                    "optimizer": run.cfg.optimizer,
+                    **({"lr_rule": run.lr_rule} if run.lr_rule else {}),
                 },
             },
         )

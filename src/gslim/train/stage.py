@@ -7,12 +7,15 @@ One implementation for ``gslim train`` and ``gslim run``, so both write the same
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 from gslim.recipe import Recipe, TrainConfig
 from gslim.train.context import TrainResult
+from gslim.train.distributed import env_int
 from gslim.train.loop import fit
+from gslim.train.precise_bn import has_batchnorm, refresh_base_statistics
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 BASE_MODEL = "base.pt"
@@ -90,7 +93,7 @@ def train_stage(
         )
         save_json(env, run_dir / "train_env.json")
 
-    return fit(
+    result = fit(
         model,
         spec,
         cfg,
@@ -103,7 +106,21 @@ def train_stage(
         output_name=BASE_MODEL,
         progress=progress,
         on_start=record_run,
+        # the fine-tune will select on this slice: the base must not have seen it
+        reserve_holdout=recipe.finetune.holdout_images if recipe.finetune is not None else 0,
     )
+    if cfg.precise_bn_images and has_batchnorm(model) and env_int("RANK", 0) == 0:  # rank 0 writes base.pt
+        info = refresh_base_statistics(model, result.final_path, recipe, cfg.precise_bn_images)
+        result.metrics = {**result.metrics, **{k: info[k] for k in ("val_top1", "val_top5", "val_loss")}}
+        result.metrics["precise_bn"] = info
+        before = "?" if info["val_top1_before"] is None else f"{info['val_top1_before']:.2f}%"
+        print(
+            f"precise BN: BatchNorm statistics re-estimated on {info['images']} calibration images; "
+            f"val top-1 {before} -> {info['val_top1']:.2f}%",
+            file=sys.stderr,
+            flush=True,
+        )
+    return result
 
 
 def resolved_recipe_of(checkpoint: Path) -> Optional[Path]:

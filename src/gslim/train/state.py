@@ -139,9 +139,11 @@ def train_state(
     signature: dict,
     metrics: dict,
     keeper: Optional[BestKeeper] = None,
+    lr_rule: Optional[dict] = None,
 ) -> dict:
     return {
         "holdout": keeper.to_state() if keeper is not None else None,
+        "lr_rule": lr_rule,
         "format": TRAIN_STATE_FORMAT,
         "version": TRAIN_STATE_VERSION,
         "model": {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()},
