@@ -472,6 +472,7 @@ def test_the_base_gets_precise_batchnorm_statistics(make_recipe, tmp_path, image
     from gslim.data import calibration_batch
     from gslim.models import load_model
     from gslim.recipe import load_recipe
+    from gslim.train.loaders import eval_batch_size
     from gslim.train.stage import train_stage
 
     path = make_recipe(
@@ -486,7 +487,7 @@ def test_the_base_gets_precise_batchnorm_statistics(make_recipe, tmp_path, image
     model, spec = load_model(tmp_path / "run" / "base.pt")
     before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
     x, _ = calibration_batch(recipe.data, spec.input_size, spec.num_classes, recipe.seed, count=images or 48)
-    recalibrate_bn(model, list(x.split(recipe.data.eval_batch_size or recipe.data.batch_size * 2)))
+    recalibrate_bn(model, list(x.split(eval_batch_size(recipe.data))))
     after = {k: v for k, v in model.state_dict().items() if "running_" in k}
     same = all(torch.allclose(before[k], after[k], rtol=1e-4, atol=1e-6) for k in before)
     assert same == bool(images)  # already the exact statistics of those images, or not

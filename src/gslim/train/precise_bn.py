@@ -39,6 +39,7 @@ def refresh_base_statistics(model: nn.Module, path: Path, recipe: Recipe, images
     from gslim.data import calibration_batch, make_dataset
     from gslim.models import read_checkpoint, save_checkpoint
     from gslim.train.evaluate import evaluate_on_recipe
+    from gslim.train.loaders import eval_batch_size
 
     spec, _ = read_checkpoint(path)
     before = ((spec.meta or {}).get("train") or {}).get("val_top1")
@@ -46,7 +47,7 @@ def refresh_base_statistics(model: nn.Module, path: Path, recipe: Recipe, images
     count = min(images, available)  # a small training set: all of it
     x, _ = calibration_batch(recipe.data, spec.input_size, spec.num_classes, recipe.seed, count=count)
     device = next(model.parameters()).device
-    batch = recipe.data.eval_batch_size or recipe.data.batch_size * 2
+    batch = eval_batch_size(recipe.data)
     with torch.no_grad():
         recalibrate_bn(model.eval(), [b.to(device) for b in x.split(batch)])
     val = evaluate_on_recipe(model, recipe)
