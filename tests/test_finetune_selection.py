@@ -269,3 +269,13 @@ def test_the_base_never_trains_on_the_finetunes_held_out_slice():
     # the fine-tune holds out (and selects on) exactly that slice
     ft_split, ft_train = training_split(FinetuneConfig(holdout_images=24), data, spec, 0, print)
     assert ft_split.indices == held.indices and ft_train.indices == train.indices
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", 0, "0"])
+def test_a_bad_finetune_lr_is_one_clear_message(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="must be a number > 0 or 'auto'") as err:
+        FinetuneConfig(lr=bad)
+    assert err.value.error_count() == 1
+    assert FinetuneConfig(lr="0.05").lr == 0.05 and FinetuneConfig(lr=" Auto ").lr == "auto"

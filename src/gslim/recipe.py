@@ -114,6 +114,20 @@ class FinetuneConfig(TrainConfig):
         "held-out images says it is better with this confidence (0: any gain in top-1 is enough)",
     )
 
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_number_or_auto(cls, value: Any) -> Any:
+        """One clear message for both halves of the union (a number > 0, or 'auto')."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number > 0:
+            raise ValueError(f"must be a number > 0 or 'auto', got {value!r}")
+        return number
+
 
 def parse_budget(value: Any) -> Any:
     """'50%' -> 0.5 (a fraction of the base model); '3.2e8' or 320000000 -> absolute count."""
