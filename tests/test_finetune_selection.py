@@ -184,19 +184,18 @@ def test_evaluate_returns_each_images_hit_in_order():
 
 
 def test_auto_lr_is_the_bases_lr_times_the_factor_and_records_the_gap():
-    from gslim.train.finetune_lr import FACTOR, derive_finetune_lr
+    from gslim.train.finetune_lr import derive_finetune_lr
 
     ref = {"lr": 0.2, "optimizer": "sgd", "source": "the base checkpoint"}
-    near = derive_finetune_lr(ref, "sgd", start_top1=85.0, teacher_top1=85.4)
-    assert near["lr"] == pytest.approx(0.2 * FACTOR) and near["gap_points"] == pytest.approx(0.4)
-    assert derive_finetune_lr(ref, "sgd", None, None)["gap_points"] is None
+    near = derive_finetune_lr(ref, "sgd", start_top1=85.0, teacher_top1=85.4, factor=0.5)
+    assert near["lr"] == pytest.approx(0.2 * 0.5) and near["gap_points"] == pytest.approx(0.4)
+    assert derive_finetune_lr(ref, "sgd", None, None, 0.5)["gap_points"] is None
     # an lr from another optimizer's scale is not reused
-    other = derive_finetune_lr({"lr": 0.2, "optimizer": "sgd"}, "adamw", 85.0, 85.0)
+    other = derive_finetune_lr({"lr": 0.2, "optimizer": "sgd"}, "adamw", 85.0, 85.0, 0.5)
     assert other["reference_lr"] != 0.2 and "adamw" in other["reference_source"]
 
 
 def test_finetune_with_auto_lr_derives_it_from_the_base_and_keeps_it_on_resume(tmp_path):
-    from gslim.train.finetune_lr import FACTOR
     from gslim.train.optim import scaled_lr
 
     spec = ModelSpec("mobilenet_v3_small", CLASSES, SIZE)
@@ -241,7 +240,8 @@ def test_finetune_with_auto_lr_derives_it_from_the_base_and_keeps_it_on_resume(t
     )
     rule = r.metrics["selection"]["lr"]
     assert rule["reference_lr"] == 0.4 and rule["gap_points"] is not None
-    assert rule["lr"] == pytest.approx(0.4 * FACTOR)
+    assert rule["factor"] in cfg.lr_probe_factors and rule["lr"] == pytest.approx(0.4 * rule["factor"])
+    assert [p["factor"] for p in rule["probe"]["points"]] == cfg.lr_probe_factors
     assert r.metrics["selection"]["teacher_holdout_top1"] is not None
     peak = scaled_lr(rule["lr"], 16)
     assert 0 < first["lr"] <= peak  # the schedule ran from the derived peak, before and after the resume
@@ -279,3 +279,28 @@ def test_a_bad_finetune_lr_is_one_clear_message(bad):
         FinetuneConfig(lr=bad)
     assert err.value.error_count() == 1
     assert FinetuneConfig(lr="0.05").lr == 0.05 and FinetuneConfig(lr=" Auto ").lr == "auto"
+
+
+def test_auto_lr_probe_picks_the_factor_that_scores_best_and_leaves_no_trace(tmp_path):
+    """A factor that blows the model up loses the probe; the probe's steps leave nothing behind:
+    the fine-tune that follows is bit for bit the one at the chosen lr without a probe."""
+    spec = ModelSpec("mobilenet_v3_small", CLASSES, SIZE)
+    ref = {"lr": 1.0, "optimizer": "sgd", "source": "test"}
+
+    def finetune(factors, out):
+        cfg = FinetuneConfig(epochs=1, device="cpu", holdout_evals_per_epoch=1, lr_probe_factors=factors)
+        model = _model()
+        r = fit(
+            model, spec, cfg, _data(), out, teacher=_model(), progress=False, quiet=True, lr_reference=ref
+        )
+        return model, r.metrics["selection"]["lr"]
+
+    probed, rule = finetune([2000.0, 0.05], tmp_path / "probed")
+    assert rule["factor"] == 0.05 and rule["lr"] == pytest.approx(0.05)
+    points = rule["probe"]["points"]
+    assert [p["factor"] for p in points] == [2000.0, 0.05] and rule["probe"]["steps"] == 8
+    assert points[1]["holdout_loss"] < points[0]["holdout_loss"]
+    plain, plain_rule = finetune([0.05], tmp_path / "plain")
+    assert "probe" not in plain_rule and plain_rule["lr"] == rule["lr"]
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, probed.state_dict()[name]), name

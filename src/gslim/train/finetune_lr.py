@@ -1,28 +1,49 @@
-"""The default learning rate of a fine-tune (``finetune.lr: auto``), derived from the base.
+"""The default learning rate of a fine-tune (``finetune.lr: auto``), chosen on the held-out slice.
 
-The fine-tune's peak lr is the base's training peak lr (from its checkpoint when gslim trained
-it, else the recipe's train section; both at batch 256, scaled to the global batch) times
-``FACTOR``. The gap between the start and the teacher on the held-out images is recorded with
-it (the report shows it) but does not change it: a rule that lowered the lr for a start close to
-its teacher (0.05x at a gap of 1 point or less, rising log-linearly to 0.5x at 20 points) was
-measured on the demo's greedy models and lost to one factor: at 30% MACs the fine-tune gained
-+0.46 (0.05x), +0.36 (0.2x) and +0.86 (0.5x) points on the test set, at 70% the low factors
-lost the most (``benchmarks/finetune.py``; BENCHMARKS.md, "Fine-tuning"). The held-out
-selection (:mod:`gslim.holdout`), not a small lr, is what keeps a fine-tune from ending below
-its start.
+The reference is the base's training peak lr (from its checkpoint when gslim trained it, else
+the recipe's train section; both at batch 256, scaled to the global batch). No one factor of it
+suits every model: on the demo's greedy MobileNetV2 0.5x gained most (+0.86 at 30% MACs, where
+0.2x gained +0.36 and 0.05x +0.46), while on ``benchmarks/compare.py``'s MobileNetV3-small the
+same 0.5x cost the magnitude baselines 1 to 12 points against 0.2x (BENCHMARKS.md,
+"Fine-tuning"). So an 'auto' lr is *measured*: each factor in ``finetune.lr_probe_factors`` runs a
+short fine-tune of its own (a quarter of the run's steps, or the whole run when it has at most
+``PROBE_WHOLE_STEPS``; cosine to zero, the same batches for every factor, from the same start),
+each is scored on the held-out images, and the best one's factor is the fine-tune's. The probe's weights are thrown away: the
+fine-tune starts again from the start with the chosen lr. With no held-out slice (or a single
+factor) the first factor is used unmeasured.
+
+The gap between the start and the teacher on the held-out images is recorded (the report shows
+it) but does not set the lr: a rule that lowered the lr for a start close to its teacher was
+measured on the demo and lost to a constant factor.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Callable
 from typing import Any, Optional
 
-from gslim.recipe import TrainConfig
+import torch
 
-FACTOR = 0.5  # of the base's peak lr
+from gslim.progress import bar
+from gslim.recipe import TrainConfig
+from gslim.train.distributed import all_reduce_sum, epoch_seed, seed_everything
+from gslim.train.loaders import iterate_batches
+from gslim.train.optim import build_optimizer, lr_at_step, scaled_lr
+
+PROBE_FRACTION = 0.25  # of the fine-tune's steps, per probed factor
+PROBE_WHOLE_STEPS = 64  # a fine-tune this short is probed whole: a quarter of it says little
 
 
 def is_auto(lr: Any) -> bool:
     return isinstance(lr, str) and lr == "auto"
+
+
+def probe_steps(total_steps: int) -> int:
+    if total_steps <= PROBE_WHOLE_STEPS:
+        return total_steps
+    return max(PROBE_WHOLE_STEPS // 4, math.ceil(total_steps * PROBE_FRACTION))
 
 
 def derive_finetune_lr(
@@ -30,8 +51,10 @@ def derive_finetune_lr(
     optimizer: str,
     start_top1: Optional[float],
     teacher_top1: Optional[float],
+    factor: float,
 ) -> dict[str, Any]:
-    """The fine-tune's peak lr at batch 256 and how it was found (recorded in the run's files).
+    """The fine-tune's peak lr at batch 256 for ``factor`` of the base's lr, and where it came from
+    (recorded in the run's files).
 
     ``reference`` is ``{"lr", "optimizer", "source"}`` of the base's training; without one, or
     when the base was trained with another optimizer (its lr is then on another scale), the
@@ -47,16 +70,84 @@ def derive_finetune_lr(
         )
         ref = {"lr": default.lr if optimizer == "sgd" else 1e-3, "source": f"default ({why_ref})"}
     gap = None if start_top1 is None or teacher_top1 is None else float(teacher_top1) - float(start_top1)
-    factor = FACTOR
-    lr = float(ref["lr"]) * factor
     gap_text = (
         "unknown gap to the teacher" if gap is None else f"the start is {gap:+.2f} points from the teacher"
     )
     return {
-        "lr": lr,
+        "lr": float(ref["lr"]) * factor,
         "reference_lr": float(ref["lr"]),
         "reference_source": ref.get("source", "base checkpoint"),
         "gap_points": gap,
         "factor": factor,
         "why": f"{factor:.3g} x the base's {float(ref['lr']):.4g}; {gap_text}",
+    }
+
+
+def resolve_auto_lr(run, step_fn: Callable) -> None:
+    """Set ``run.lr_rule`` (and ``run.peak_lr``) for an 'auto' lr: probe the factors on the held-out
+    images when there are some. ``step_fn(run, x, y, lr)`` is one optimizer step of the run."""
+    keeper = run.holdout.keeper if run.holdout is not None else None
+    start = keeper.history[0]["holdout_top1"] if keeper and keeper.history else None
+    teacher = (keeper.teacher or {}).get("holdout_top1") if keeper else None
+    factors = list(run.cfg.lr_probe_factors)
+    rule = derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher, factors[0])
+    if run.holdout is not None and len(factors) > 1 and run.total_steps > 0:
+        probes = [
+            _probe(run, step_fn, derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher, f))
+            for f in factors
+        ]
+        best = max(probes, key=lambda p: (p["holdout_top1"], -p["holdout_loss"]))
+        rule = derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher, best["factor"])
+        scores = ", ".join(f"{p['factor']:.3g}x {p['holdout_top1']:.2f}%" for p in probes)
+        rule["probe"] = {"steps": probes[0]["steps"], "points": probes}
+        rule["why"] += f"; chosen on the held-out images by a {probes[0]['steps']}-step probe: {scores}"
+    run.lr_rule = rule
+    run.peak_lr = scaled_lr(rule["lr"], run.data.batch_size * run.info.world_size)
+
+
+def _probe(run, step_fn: Callable, rule: dict) -> dict:
+    """A short fine-tune at ``rule['lr']`` from the start, scored on the held-out images; the model,
+    the optimizer and the scaler are put back as they were."""
+    start_state = copy.deepcopy(run.model.state_dict())
+    optimizer, scaler = run.optimizer, run.scaler
+    peak = scaled_lr(rule["lr"], run.data.batch_size * run.info.world_size)
+    run.optimizer = build_optimizer(run.model, run.cfg, peak)
+    run.scaler = torch.amp.GradScaler("cuda", enabled=run.amp_dtype == torch.float16)
+    steps = probe_steps(run.total_steps)
+    # the epoch after the last one: a stream of batches and augmentations the fine-tune never uses,
+    # the same for every factor
+    probe_epoch = run.cfg.epochs
+    seed = epoch_seed(run.seed, probe_epoch, run.info.rank)
+    seed_everything(seed)
+    run.sampler.set_epoch(probe_epoch)
+    run.train_loader.generator.manual_seed(seed)
+    run.train_model.train()
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=run.device)
+    try:
+        label = f"{run.description} lr probe {rule['factor']:.3g}x"
+        with bar(run.progress and run.info.is_main, label, steps) as task:
+            done = 0
+            while done < steps:  # a probe longer than an epoch goes round again
+                for x, y in iterate_batches(run.train_loader):
+                    if done >= steps:
+                        break
+                    loss, _ = step_fn(run, x, y, lr_at_step(done, peak, steps, 0))
+                    loss_sum += loss.detach().double()
+                    done += 1
+                    task.advance()
+        finite = math.isfinite(float(all_reduce_sum(loss_sum, run.info)))
+        res = run.score(run.holdout.loader) if finite else {"top1": 0.0, "loss": math.inf}
+    finally:
+        run.model.load_state_dict(start_state)
+        run.optimizer, run.scaler = optimizer, scaler
+    run.say(
+        f"{run.description}: lr probe {rule['factor']:.3g}x = {rule['lr']:.4g}: {res['top1']:.2f}% on the "
+        f"held-out images after {steps} steps" + ("" if finite else " (diverged)")
+    )
+    return {
+        "factor": rule["factor"],
+        "lr": rule["lr"],
+        "steps": steps,
+        "holdout_top1": res["top1"],
+        "holdout_loss": res["loss"],
     }

@@ -50,7 +50,7 @@ from gslim.train.distributed import (
     unwrap,
 )
 from gslim.train.evaluate import evaluate
-from gslim.train.finetune_lr import derive_finetune_lr, is_auto
+from gslim.train.finetune_lr import is_auto, resolve_auto_lr
 from gslim.train.loaders import iterate_batches, train_loader, val_loader
 from gslim.train.optim import amp_dtype_for, autocast, build_optimizer, distill_loss, lr_at_step, scaled_lr
 from gslim.train.selection import HoldoutRun, training_split
@@ -146,12 +146,12 @@ def _fit(
         on_start(run.start_epoch)
     barrier(run.info, run.device)
     _start_selection(run)
-    _resolve_auto_lr(run)
     run.train_model = run.model
     if run.info.enabled:
         run.train_model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
+    _resolve_auto_lr(run)
     for epoch in range(run.start_epoch, run.cfg.epochs):
         t0 = time.perf_counter()
         sums, lr, train_seconds = _train_epoch(run, epoch)
@@ -277,14 +277,12 @@ def _start_selection(run: TrainRun) -> None:
 
 
 def _resolve_auto_lr(run: TrainRun) -> None:
-    """Derive an 'auto' fine-tuning lr from the base's lr and how far the start is from the teacher."""
+    """An 'auto' fine-tuning lr: probed on the held-out images (:mod:`.finetune_lr`); a resumed run
+    keeps the lr it started with."""
     if not is_auto(run.cfg.lr):
         return
-    if run.lr_rule is None:  # a resumed run keeps the lr it started with
-        keeper = run.holdout.keeper if run.holdout is not None else None
-        start = keeper.history[0]["holdout_top1"] if keeper and keeper.history else None
-        teacher = (keeper.teacher or {}).get("holdout_top1") if keeper else None
-        run.lr_rule = derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher)
+    if run.lr_rule is None:
+        resolve_auto_lr(run, _optimizer_step)
         run.say(f"{run.description}: lr auto = {run.lr_rule['lr']:.4g} at batch 256 ({run.lr_rule['why']})")
     run.peak_lr = scaled_lr(run.lr_rule["lr"], run.data.batch_size * run.info.world_size)
 
