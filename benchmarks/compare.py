@@ -20,16 +20,19 @@ The base model itself first gets the BatchNorm re-calibration below (it is the r
 teacher and what every method selects from). Then the same for all: BatchNorm
 re-calibration on the same calibration images, one-shot
 top-1, the same short distillation fine-tune (``gslim.train.fit``, identical FinetuneConfig,
-the base model as teacher, on the first ``--finetune-images`` training images), top-1 again,
+the base model as teacher, ``--finetune-images`` images' worth of steps over the training set
+less the fine-tune's held-out slice, which selects its lr and checkpoint), top-1 again,
 ONNX export, and ONNX Runtime CPU latency (1 thread, batch 1), every model of a (base,
 budget) group interleaved with its base model in one process (gslim.profiling.measure).
 
 Results are cached per method (``<out>/compare/<arch>/<budget>/<method>/result.json`` and
 ``model.onnx``) and per latency group, keyed by the settings, so a rerun resumes where an
 interrupted one stopped. Base checkpoints live in ``<out>/cache/<arch>.pt``: trained with
-the recipe's train section when missing (``--base-epochs`` overrides its epochs), except that
-``--base-from`` (default: /work/scratch/demo/base.pt, trained with configs/demo.yaml) is
-copied as the MobileNetV2 base when it exists.
+the recipe's train section when missing (``--base-epochs`` overrides its epochs), leaving out
+the fine-tune's held-out slice as ``gslim train`` does (a slice the base trained on rewards what
+it memorised; ``--base-sees-holdout`` trains on it, into ``<arch>.pt``), and with
+``--base-sees-holdout`` ``--base-from`` (default: /work/scratch/demo/base.pt, trained with
+configs/demo.yaml) is copied as the MobileNetV2 base when it exists.
 
 Writes ``<out>/compare.json``, ``<out>/tradeoff_methods.png`` and prints one markdown table
 per (model, budget).
@@ -79,7 +82,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--calib-images", type=int, default=2048, help="calibration images (selection, BN recal)")
     ap.add_argument("--val-images", type=int, default=2000, help="score on the first N validation images")
     ap.add_argument(
-        "--finetune-images", type=int, default=4000, help="fine-tune on the first N training images"
+        "--finetune-images",
+        type=int,
+        default=4000,
+        help="fine-tune for N images' worth of steps (a seeded stream over the training set less the "
+        "held-out slice)",
     )
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument(
@@ -104,6 +111,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="epochs for base models trained here (default: the recipe's train.epochs)",
+    )
+    ap.add_argument(
+        "--base-sees-holdout",
+        action="store_true",
+        help="train bases on the fine-tune's held-out slice too (the cache of earlier versions)",
     )
     ap.add_argument(
         "--base-from",
@@ -249,11 +261,14 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
 
     cache = ctx.out / ("quick/cache" if ctx.args.quick else "cache")  # a quick base never replaces a real one
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{arch}.pt"
-    meta_path = cache / f"{arch}.json"
+    reserve = 0 if ctx.args.base_sees_holdout else recipe.finetune.holdout_images
+    stem = arch if reserve == 0 else f"{arch}-reserved{reserve}"
+    path = cache / f"{stem}.pt"
+    meta_path = cache / f"{stem}.json"
     if not path.is_file():
         if (
-            arch == "mobilenet_v2"
+            reserve == 0
+            and arch == "mobilenet_v2"
             and ctx.args.base_from
             and Path(ctx.args.base_from).is_file()
             and not ctx.args.quick
@@ -275,7 +290,7 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
             spec = ModelSpec(arch, recipe.model.num_classes, recipe.model.input_size)
             torch.manual_seed(recipe.seed)
             model = build_architecture(arch, recipe.model.num_classes)
-            run_dir = cache / f"train_{arch}"
+            run_dir = cache / f"train_{stem}"
             log(
                 f"[{arch}] training the base model: {train_cfg.epochs} epoch(s) of the recipe's train section"
             )
@@ -291,6 +306,7 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
                 output_name="model.pt",
                 progress=False,
                 quiet=ctx.args.quick,
+                reserve_holdout=reserve,
             )
             shutil.copyfile(res.final_path, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
@@ -298,6 +314,7 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
                 "source": "trained by benchmarks/compare.py",
                 "train": f"{ctx.args.recipe} train section, "
                 f"{train_cfg.epochs} epoch(s)" + (", at most 8 steps each" if ctx.args.quick else ""),
+                "reserved_holdout_images": reserve,
                 "train_seconds": round(time.perf_counter() - t0, 1),
                 "val_top1_full": res.metrics.get("val_top1"),
             }
@@ -456,6 +473,7 @@ def settings_key(ctx: Context, arch: str, budget: str, base_digest: str) -> dict
         "finetune_images": a.finetune_images,
         "finetune_epochs": a.finetune_epochs,
         "finetune_steps": a.finetune_steps,
+        "base_sees_holdout": a.base_sees_holdout,
         "loss_batch": a.loss_batch,
         "opset": a.opset,
         "quick": a.quick,
@@ -474,8 +492,9 @@ def _finetune_defaults() -> dict:
     from gslim.train import finetune_lr
 
     d = FinetuneConfig().model_dump(mode="json")
-    rule = {"FACTOR": finetune_lr.FACTOR}
-    return {**{k: d[k] for k in sorted(d) if k.startswith("holdout") or k == "lr"}, "lr_rule": rule}
+    rule = {"PROBE_FRACTION": finetune_lr.PROBE_FRACTION, "PROBE_WHOLE_STEPS": finetune_lr.PROBE_WHOLE_STEPS}
+    keys = [k for k in sorted(d) if k.startswith(("holdout", "lr"))]
+    return {**{k: d[k] for k in keys}, "lr_rule": rule}
 
 
 def finetune_overrides(items: list[str]) -> dict:
@@ -575,13 +594,16 @@ def run_method(
         update={
             "epochs": a.finetune_epochs,
             "device": "cpu",
-            "max_steps_per_epoch": a.finetune_steps,
+            "max_steps_per_epoch": a.finetune_steps
+            or max(1, math.ceil(a.finetune_images / recipe.data.batch_size)),
             "lr": a.finetune_lr or recipe.finetune.lr,
             **finetune_overrides(a.finetune_set),
         }
     )
     ft = type(ft).model_validate(ft.model_dump())  # the overrides validated like a recipe's
-    data = recipe.data.model_copy(update={"train_images": a.finetune_images})
+    # the whole training set, as the fine-tune of gslim run sees it: its held-out slice is then the
+    # one the base was trained without; the steps are capped to --finetune-images images
+    data = recipe.data.model_copy(update={"train_images": None})
     ft_spec = ModelSpec(
         arch,
         nc,

@@ -90,8 +90,16 @@ class FinetuneConfig(TrainConfig):
     epochs: int = Field(1, ge=0)
     lr: Union[Annotated[float, Field(gt=0.0)], Literal["auto"]] = Field(
         "auto",
-        description="peak learning rate at batch_size 256 (scaled linearly), or 'auto': half the base's "
-        "training lr (from its checkpoint when gslim trained it, else train.lr; gslim.train.finetune_lr)",
+        description="peak learning rate at batch_size 256 (scaled linearly), or 'auto': the base's training "
+        "lr (from its checkpoint when gslim trained it, else train.lr) times the factor of lr_probe_factors "
+        "that scores best on the held-out images after a short probe (gslim.train.finetune_lr)",
+    )
+    lr_probe_factors: list[Annotated[float, Field(gt=0.0)]] = Field(
+        [0.5, 0.2, 0.08],
+        min_length=1,
+        description="factors of the base's lr that an 'auto' lr is chosen from, each by a probe fine-tune "
+        "(a quarter of the steps; the whole run when it has at most 64) scored on the held-out images; "
+        "one factor: used without a probe",
     )
     warmup_epochs: float = Field(
         0.0, ge=0.0, description="no warm-up by default: the start is a trained model, not a random one"
@@ -231,6 +239,12 @@ class LatencyConfig(_Section):
 
 class CompressConfig(_Section):
     criterion: str = "greedy"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu",
+        description="where selection runs: the statistics, the OMP and the re-fit stay on this device "
+        "(float64 sums, TF32 off on CUDA); under torchrun a CUDA selection uses NCCL and each rank its "
+        "LOCAL_RANK GPU",
+    )
     eps: Optional[float] = Field(None, gt=0.0, lt=1.0, description="per-unit relative discrepancy tolerance")
     target_macs: Optional[float] = Field(
         None, gt=0.0, description="fraction (<=1, from '50%') or absolute MACs of the compressed model"

@@ -21,6 +21,7 @@ from gslim.compress.calibrate import (
     consumer_rows,
     cut_points,
     kernel_group,
+    row_count,
     row_fraction,
     split_segment,
     target_rows,
@@ -28,6 +29,7 @@ from gslim.compress.calibrate import (
 )
 from gslim.compress.omp import Stats, greedy_select, prediction_error_curve, refit, subset_error
 from gslim.compress.selection import PLANNING_FLOOR, Progress, UnitReport
+from gslim.compress.shard import SINGLE, Shard
 from gslim.compress.slim import slim_unit
 from gslim.compress.units import Unit, UnitGraph
 from gslim.recipe import CompressConfig
@@ -53,6 +55,7 @@ def planning_curves(
     batches: list[torch.Tensor],
     cfg: CompressConfig,
     gen: torch.Generator,
+    shard: Shard = SINGLE,
 ) -> dict[str, list[float]]:
     """Per-unit error-vs-width curves on the original network, from one pass over the data.
 
@@ -64,7 +67,7 @@ def planning_curves(
     mods = dict(original.named_modules())
     accs: dict[tuple[str, str], StatsAccumulator] = {}
     captured: dict[str, torch.Tensor] = {}
-    n_images = sum(b.shape[0] for b in batches)
+    n_images = shard.images(batches)
     with Hooks() as hooks:
         for u in units:
             for c in u.consumers:
@@ -77,9 +80,9 @@ def planning_curves(
                     key = (u.name, c)
                     if key not in accs:
                         frac = row_fraction(m, out.shape, n_images, _max_rows(cfg, m, u.width))
-                        accs[key] = StatsAccumulator(frac, gen, holdout=0.0)
+                        accs[key] = StatsAccumulator(frac, gen, holdout=0.0, shard=shard)
                     # taken inside the hook: an in-place op after the consumer cannot reach it
-                    accs[key].add_all(consumer_rows(m, captured.pop(c)), target_rows(m, out))
+                    accs[key].add_sampled(m, captured.pop(c), out)
 
                 hooks.pre(mod, pre)
                 hooks.post(mod, post)
@@ -104,10 +107,16 @@ class _Selection:
     """Bookkeeping shared by the units of one greedy run."""
 
     def __init__(
-        self, original: nn.Module, work: nn.Module, cfg: CompressConfig, gen: torch.Generator, n_images: int
+        self,
+        original: nn.Module,
+        work: nn.Module,
+        cfg: CompressConfig,
+        gen: torch.Generator,
+        n_images: int,
+        shard: Shard,
     ):
         self.omods, self.wmods = dict(original.named_modules()), dict(work.named_modules())
-        self.work, self.cfg, self.gen, self.n_images = work, cfg, gen, n_images
+        self.work, self.cfg, self.gen, self.n_images, self.shard = work, cfg, gen, n_images, shard
         # original output channels that each sliced producer still has: a consumer whose rows
         # an earlier unit cut is fitted to the matching rows of the original output
         self.kept_rows: dict[str, torch.Tensor] = {}
@@ -126,22 +135,24 @@ class _Selection:
         pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def post(m, args, out, c):
-            rows = target_rows(m, out)
-            if c in self.kept_rows:
-                rows = rows[:, self.kept_rows[c]]
             if c not in accs:
                 accs[c] = StatsAccumulator(
-                    row_fraction(m, out.shape, self.n_images, _max_rows(self.cfg, m, u.width)), self.gen
+                    row_fraction(m, out.shape, self.n_images, _max_rows(self.cfg, m, u.width)),
+                    self.gen,
+                    shard=self.shard,
                 )
-            pick = accs[c].draw(rows.shape[0])
-            pending[c] = (pick, rows[pick])
+            sample = accs[c].draw(row_count(out))
+            rows = target_rows(m, out, sample.pick)
+            if c in self.kept_rows:
+                rows = rows[:, self.kept_rows[c]]
+            pending[c] = (sample, rows)
 
         def pre(m, args, c):
-            pick, Y = pending.pop(c)
-            X = consumer_rows(m, args[0])[pick]
+            sample, Y = pending.pop(c)
+            X = consumer_rows(m, args[0], sample.pick)
             if c in const:
                 X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
-            accs[c].add(X, Y)
+            accs[c].add(X, Y, sample.held)
 
         for c in readers:
             hooks.post(self.omods[c], lambda m, a, o, c=c: post(m, a, o, c))
@@ -158,6 +169,7 @@ def run_greedy(
     widths: Optional[dict[str, int]],
     gen: torch.Generator,
     progress: Progress,
+    shard: Shard = SINGLE,
 ) -> list[UnitReport]:
     internal = [u for u in units if u.kind == "internal"]
     residual = [u for u in units if u.kind == "residual"]
@@ -168,7 +180,7 @@ def run_greedy(
         end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
         s = next(i for i, seg in enumerate(work_segs) if seg.start < end <= seg.end)
         by_segment.setdefault(s, []).append(u)
-    sel = _Selection(original, work, cfg, gen, sum(b.shape[0] for b in batches))
+    sel = _Selection(original, work, cfg, gen, shard.images(batches), shard)
     reports: list[UnitReport] = []
     done = 0
     orig_act, work_act = list(batches), list(batches)
@@ -322,6 +334,8 @@ def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], N
             kr = budget_mod.round_width(len(order), width, cfg.round_to, cfg.min_width)
             if kr > len(order):
                 order, _ = greedy_select(stats, k=kr, ridge=cfg.ridge)
+    # the ranks hold the same sums; rank 0's choice is everyone's, whatever the last bit of float
+    order = sel.shard.from_rank0(order) if sel.shard.enabled else order
     keep = sorted(order)
     if squeeze:
         # slice everything, refit the squeeze so the gates match the original network's, then

@@ -103,7 +103,7 @@ def _loss_forward_selection(
     with Hooks() as hooks:
         for c in u.readers:
             hooks.pre(wmods[c], masked_input)
-        base = torch.zeros(C)
+        base = torch.zeros(C, device=x.device)  # the masks multiply activations on their device
         while len(selected) < k:
             pick = torch.randperm(x_all.shape[0], generator=gen)[:batch]
             x, y = x_all[pick], y_all[pick]
@@ -113,7 +113,7 @@ def _loss_forward_selection(
             best_j, best_loss = None, float("inf")
             for chunk in remaining.split(per_forward):
                 masks = base.repeat(chunk.numel(), 1)
-                masks[torch.arange(chunk.numel()), chunk] = 1.0
+                masks[torch.arange(chunk.numel(), device=masks.device), chunk.to(masks.device)] = 1.0
                 mask_state["masks"] = masks
                 h = x.repeat(chunk.numel(), *[1] * (x.dim() - 1))
                 for seg in rest:

@@ -42,6 +42,7 @@ from gslim.compress.greedy import planning_curves, run_greedy
 from gslim.compress.greedy_loss import run_greedy_loss
 from gslim.compress.ranking import bn_scores, l1_scores, random_scores, ranking, uniform_scores
 from gslim.compress.selection import Criterion, Progress, SelectionRun, UnitReport
+from gslim.compress.shard import Shard
 from gslim.compress.units import Unit, UnitGraph, find_units
 from gslim.errors import GslimError
 from gslim.recipe import CompressConfig
@@ -89,13 +90,16 @@ def compress_model(
     progress: Progress = None,
     latency: Optional["LatencyRequest"] = None,  # noqa: F821 - gslim.compress.latency, imported lazily
     curves: Optional[dict[str, list[float]]] = None,
+    shard: Optional[Shard] = None,
 ) -> CompressionResult:
     """Select channels with ``cfg.criterion`` and return a physically slimmed copy of ``model``.
 
     A latency budget (``cfg.target_latency``) needs ``latency``: where to measure and the target
     in predicted milliseconds (:func:`gslim.compress.stage.compress_stage` runs the closed loop
     around this). ``curves`` are planning curves of an earlier call on the same model and
-    calibration images (they are not measured again).
+    calibration images (they are not measured again). ``shard`` (:mod:`gslim.compress.shard`): under
+    torchrun each rank passes the same ``calib_x`` and runs its share of the batches; the
+    statistics are summed across ranks, so every rank returns the same model.
     """
     t0 = time.perf_counter()
     criterion = CRITERIA.get(cfg.criterion)
@@ -109,7 +113,10 @@ def compress_model(
     gen = torch.Generator().manual_seed(seed)
     original = model.eval()
     work = copy.deepcopy(model).eval()
-    batches = split_batches(calib_x, batch_size)
+    shard = shard or Shard()
+    if shard.enabled and criterion.name == "greedy-loss":
+        raise GslimError("greedy-loss does not run across torchrun ranks; run it in one process")
+    batches = shard.mine(split_batches(calib_x, batch_size))
     graph = find_units(work, input_size, include_residual=cfg.prune_residual)
     units = graph.units
     if not units:
@@ -123,7 +130,7 @@ def compress_model(
         budget, lat_model = _budget(cfg, cost, latency, work, graph, units, input_size)
         allocation = cfg.allocation or "knapsack"  # measured better than eps: benchmarks/allocation.py
         if criterion.plans_from_curves:
-            curves = curves or planning_curves(original, graph, units, batches, cfg, gen)
+            curves = curves or planning_curves(original, graph, units, batches, cfg, gen, shard)
             if allocation == "knapsack":
                 widths = budget_mod.knapsack_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
                 eps = None
@@ -148,11 +155,11 @@ def compress_model(
                 "model": lat_model.describe(),
             }
 
-    run = SelectionRun(original, work, graph, units, batches, calib_y, cfg, widths, gen, progress)
+    run = SelectionRun(original, work, graph, units, batches, calib_y, cfg, widths, gen, progress, shard)
     reports = criterion.select(run)
 
     if cfg.bn_recalib:
-        recalibrate_bn(work, batches)
+        recalibrate_bn(work, batches, shard)
     narrowed = {u.name: u.width for u in units if u.width < full[u.name]}
     return CompressionResult(
         model=work.eval(),
@@ -199,7 +206,16 @@ def _budget(
 
 def _greedy(run: SelectionRun) -> list[UnitReport]:
     return run_greedy(
-        run.original, run.work, run.graph, run.units, run.batches, run.cfg, run.widths, run.gen, run.progress
+        run.original,
+        run.work,
+        run.graph,
+        run.units,
+        run.batches,
+        run.cfg,
+        run.widths,
+        run.gen,
+        run.progress,
+        run.shard,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from gslim.compress.shard import Shard
 from gslim.compress.units import Unit, UnitGraph
 from gslim.recipe import CompressConfig
 
@@ -50,6 +51,7 @@ class SelectionRun:
     widths: Optional[dict[str, int]]
     gen: torch.Generator
     progress: Progress
+    shard: Shard = field(default_factory=Shard)  # this torchrun rank's part of the calibration set
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ finetune_stage(recipe, run_dir)                    # finetuned.pt (distilled fro
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -50,7 +52,55 @@ def compress_stage(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Select and slim; write the slim checkpoint and selection.json. Returns the selection summary."""
+    """Select and slim; write the slim checkpoint and selection.json. Returns the selection summary.
+
+    Under torchrun every rank runs its share of the calibration batches and the statistics are
+    summed across ranks (:mod:`gslim.compress.shard`); rank 0 writes the files (the summary of
+    the other ranks has no ``paths``).
+    """
+
+    from gslim.compress.shard import Shard
+    from gslim.train.distributed import barrier, cleanup_distributed, device_for, init_distributed
+
+    device = device_for(recipe.compress.device)
+    shard = Shard(init_distributed(device), device)  # Gloo on the CPU, NCCL on GPUs
+    try:
+        summary = _compress_stage(
+            recipe, run_dir, model_path, out_name, selection_name, force, progress, shard
+        )
+        barrier(shard.info, device)  # the files exist for every rank from here on
+        return summary
+    finally:
+        cleanup_distributed(shard.info)
+
+
+@contextlib.contextmanager
+def exact_matmuls(device):
+    """TF32 off on CUDA while the statistics and fits are computed: its 10-bit mantissa would
+    round the Grams' float32 products far below what the float64 sums keep."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _compress_stage(
+    recipe: Recipe,
+    run_dir: Path,
+    model_path: Optional[Path],
+    out_name: str,
+    selection_name: str,
+    force: bool,
+    progress: bool,
+    shard,
+) -> dict[str, Any]:
     import torch
 
     from gslim.artifacts import atomic_path, check_output_dir, refuse_overwrite, save_json
@@ -68,14 +118,20 @@ def compress_stage(
     x, y = calibration_batch(recipe.data, size, recipe.model.num_classes, recipe.seed)
     macs0, params0 = count_macs_params(model, size)
 
+    if shard.enabled and recipe.compress.target_latency is not None:
+        raise GslimError("a latency budget is measured in one process: run gslim compress without torchrun")
+    progress = progress and shard.info.is_main
     latency_info = None
+    # selection on the device; the base stays on the CPU for the latency loop and the summary
+    work = model if shard.device.type == "cpu" else copy.deepcopy(model).to(shard.device)
+    x, y = x.to(shard.device), y.to(shard.device)
     torch.set_flush_denormal(True)  # denormals from near-dead channels slow CPU convs several-fold
     try:
-        with bar(progress, "selecting channels", None, unit="") as task:
+        with bar(progress, "selecting channels", None, unit="") as task, exact_matmuls(shard.device):
 
             def run(latency=None, curves=None):
-                return compress_model(
-                    model,
+                result = compress_model(
+                    work,
                     size,
                     x,
                     y,
@@ -85,7 +141,10 @@ def compress_stage(
                     latency=latency,
                     curves=curves,
                     progress=lambda unit, done, total: task.update(done, total, unit=unit),
+                    shard=shard,
                 )
+                result.model = result.model.cpu()
+                return result
 
             if recipe.compress.target_latency is None:
                 result = run()
@@ -112,11 +171,15 @@ def compress_stage(
         "params_after": params1,
         "params_fraction": params1 / params0,
         "bn_recalib": recipe.compress.bn_recalib,
+        "calibration_ranks": shard.info.world_size,
+        "selection_device": str(shard.device),
         "config": recipe.compress.model_dump(mode="json"),
         **result.to_json(),
         **({"latency": latency_info} if latency_info is not None else {}),
         "environment": environment_info(),
     }
+    if not shard.info.is_main:
+        return summary
     # The model is written to its temporary file first and renamed last: a slim.pt on disk
     # always has its own selection.json next to it, whichever write fails.
     with atomic_path(out) as tmp:

@@ -1,0 +1,53 @@
+"""Sampled regression rows gathered straight from a consumer's input equal the same rows of the
+full unfold, for every conv geometry and padding mode the statistics support."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gslim.compress.calibrate import consumer_rows, row_count, target_rows
+
+CONVS = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, padding=1, stride=2),
+    dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=(3, 5), padding=(1, 2), stride=(2, 1)),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, padding=1, padding_mode="circular"),
+    dict(kernel_size=4, padding="same"),
+    dict(kernel_size=1),
+    dict(kernel_size=1, stride=2),
+    dict(kernel_size=7, stride=2, padding=3, bias=False),
+]
+
+
+@pytest.mark.parametrize("kw", CONVS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_sampled_rows_equal_the_rows_of_the_full_layout(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, **kw)
+    x = torch.randn(3, 5, 11, 9)
+    y = conv(x)
+    n = row_count(y)
+    full_x, full_y = consumer_rows(conv, x), target_rows(conv, y)
+    assert full_x.shape[0] == full_y.shape[0] == n
+    for pick in (torch.tensor([0, n - 1]), torch.nonzero(torch.rand(n) < 0.3).flatten(), torch.arange(n)):
+        assert torch.equal(consumer_rows(conv, x, pick), full_x[pick])
+        assert torch.equal(target_rows(conv, y, pick), full_y[pick])
+    # the fit reproduces the conv from gathered rows: weight rows in unfold's (C, kh, kw) order
+    pick = torch.arange(0, n, 3)
+    w = conv.weight.reshape(conv.out_channels, -1)
+    assert torch.allclose(consumer_rows(conv, x, pick) @ w.T, target_rows(conv, y, pick), atol=1e-5)
+
+
+def test_linear_rows_and_their_own_memory():
+    lin = nn.Linear(4, 3)
+    x = torch.randn(6, 4)
+    y = lin(x)
+    pick = torch.tensor([1, 4])
+    rows = consumer_rows(lin, x, pick)
+    assert torch.equal(rows, x[pick]) and torch.allclose(target_rows(lin, y, pick), (x @ lin.weight.T)[pick])
+    taken, whole = rows.clone(), consumer_rows(lin, x)
+    x.neg_()  # an in-place op after the hook cannot change rows already taken
+    assert torch.equal(rows, taken) and torch.equal(whole, -x)

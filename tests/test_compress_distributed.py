@@ -1,0 +1,135 @@
+"""Channel selection across torchrun ranks equals selection in one process on the same images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_recipe_dict
+from gslim.compress.shard import Shard
+from gslim.errors import GslimError
+from gslim.models import ModelSpec, build_model, load_model, save_checkpoint
+from gslim.recipe import load_recipe
+from gslim.train.distributed import DistInfo
+
+CASES = {
+    # residual streams (whole-network passes per rank) and 3x3 consumers
+    "resnet18": {"compress.target_macs": "50%", "compress.prune_residual": True},
+    # SE squeeze re-fit (a second pass), a Linear head consumer, hardswish after consumers
+    "mobilenet_v3_small": {"compress.target_macs": "60%"},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_torchrun_selection_equals_one_process(tmp_path, arch):
+    torch.manual_seed(0)
+    base = tmp_path / "base.pt"
+    save_checkpoint(build_model(arch, 4).eval(), ModelSpec(arch, 4, 32), base)
+    over = {
+        "model.arch": arch,
+        "data.synthetic_train": 96,
+        "data.calib_images": 64,  # 4 batches of 16: two per rank
+        "run_dir": str(tmp_path / "one"),
+        **CASES[arch],
+    }
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe_dict(over), sort_keys=False))
+
+    from gslim.compress.stage import compress_stage
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank below: float32 kernels round by their thread blocking
+    try:
+        compress_stage(load_recipe(recipe_path), tmp_path / "one", model_path=base, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    env["PYTHONPATH"] = (
+        str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "gslim", "compress", str(recipe_path), "--model", str(base)]
+    cmd += ["--run-dir", str(tmp_path / "two"), "--no-progress"]
+    proc = subprocess.run(
+        cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+
+    one = json.loads((tmp_path / "one" / "selection.json").read_text())
+    two = json.loads((tmp_path / "two" / "selection.json").read_text())
+    assert [u["order"] for u in two["units"]] == [u["order"] for u in one["units"]]
+    assert two["calibration_ranks"] == 2 and one["calibration_ranks"] == 1
+    assert any(u["kept"] < u["width"] for u in one["units"])
+    m1, _ = load_model(tmp_path / "one" / "slim.pt")
+    m2, _ = load_model(tmp_path / "two" / "slim.pt")
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        if s1[k].is_floating_point():  # re-fitted weights and BN statistics: sums in another order
+            scale = float(s1[k].abs().max().clamp_min(1e-6))
+            assert torch.allclose(s1[k], s2[k], rtol=1e-4, atol=1e-5 * scale), k
+        else:
+            assert torch.equal(s1[k], s2[k]), k
+
+
+def test_too_few_batches_for_the_ranks_is_one_clear_error():
+    shard = Shard(DistInfo(world_size=4, rank=1))
+    with pytest.raises(GslimError, match="cannot be shared by 4 ranks"):
+        shard.mine([torch.zeros(1)] * 3)
+    assert shard.mine(list(range(9))) == [1, 5] and shard.global_index(1) == 5
+
+
+def test_exact_sum_does_not_depend_on_the_order_of_the_terms():
+    from gslim.compress.calibrate import ExactSum
+
+    gen = torch.Generator().manual_seed(0)
+    terms = [torch.randn(64, generator=gen, dtype=torch.float64) * 10.0 ** float(e) for e in range(-8, 9)]
+    totals, plain = [], []
+    for seed in range(5):
+        order = torch.randperm(len(terms), generator=torch.Generator().manual_seed(seed)).tolist()
+        total = ExactSum()
+        for i in order:
+            total.add(terms[i])
+        totals.append(total.value())
+        plain.append(sum(terms[i] for i in order))
+    assert all(torch.equal(t, totals[0]) for t in totals)
+    assert not all(torch.equal(p, plain[0]) for p in plain)  # what a plain float64 sum does
+
+
+def test_selection_on_cuda_is_refused_in_one_line_without_a_gpu(make_recipe, run_cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal is for machines without one")
+    base = tmp_path / "base.pt"
+    save_checkpoint(build_model("mobilenet_v2", 4).eval(), ModelSpec("mobilenet_v2", 4, 32), base)
+    recipe = make_recipe({"compress.target_macs": "50%"})
+    r = run_cli(["compress", recipe, "--model", str(base), "--no-progress", "--device", "cuda"])
+    assert r.code == 3 and "CUDA was requested" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "slim.pt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_selection_on_cuda_meets_the_budget_and_writes_a_cpu_model(make_recipe, tmp_path):
+    from gslim.compress.stage import compress_stage
+
+    base = tmp_path / "base.pt"
+    torch.manual_seed(0)
+    save_checkpoint(build_model("resnet18", 4).eval(), ModelSpec("resnet18", 4, 32), base)
+    recipe = load_recipe(
+        make_recipe({"model.arch": "resnet18", "compress.target_macs": "50%", "compress.device": "cuda"})
+    )
+    summary = compress_stage(recipe, tmp_path / "run", model_path=base, progress=False)
+    assert summary["selection_device"].startswith("cuda") and summary["macs_fraction"] <= 0.5 + 1e-6
+    model, _ = load_model(tmp_path / "run" / "slim.pt")
+    assert next(model.parameters()).device.type == "cpu"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
