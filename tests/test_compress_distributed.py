@@ -90,7 +90,7 @@ def test_too_few_batches_for_the_ranks_is_one_clear_error():
 
 
 def test_exact_sum_does_not_depend_on_the_order_of_the_terms():
-    from gslim.compress.calibrate import ExactSum
+    from gslim.compress.shard import ExactSum
 
     gen = torch.Generator().manual_seed(0)
     terms = [torch.randn(64, generator=gen, dtype=torch.float64) * 10.0 ** float(e) for e in range(-8, 9)]

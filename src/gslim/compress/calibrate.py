@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gslim.compress.omp import Stats
-from gslim.compress.shard import SINGLE, Shard
+from gslim.compress.shard import SINGLE, ExactSum, Shard
 from gslim.compress.units import Unit
 from gslim.errors import GslimError
 
@@ -321,32 +321,6 @@ class _Sums:
         shard.sum_(self.B)
         shard.exact_sum_(self.yy)
         self.rows = int(shard.sum_numbers([float(self.rows)])[0])
-
-
-class ExactSum:
-    """A float64 sum kept to twice float64 precision (``hi + lo``, Knuth's TwoSum): the rounded
-    total is the same in whatever order the terms come, but for totals within 2^-100 of a
-    rounding boundary."""
-
-    def __init__(self) -> None:
-        self.hi: Optional[torch.Tensor] = None
-        self.lo: Optional[torch.Tensor] = None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.double()
-        if self.hi is None:
-            self.hi, self.lo = x.clone(), torch.zeros_like(x)
-            return
-        total = self.hi + x
-        back = total - self.hi
-        self.lo += (self.hi - (total - back)) + (x - back)
-        self.hi = total
-
-    def value(self) -> torch.Tensor:
-        return self.hi + self.lo
-
-    def __float__(self) -> float:
-        return 0.0 if self.hi is None else float(self.value())
 
 
 def rows_per_image(mod: nn.Module, y_shape: torch.Size) -> int:

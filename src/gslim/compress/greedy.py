@@ -335,7 +335,7 @@ def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], N
             if kr > len(order):
                 order, _ = greedy_select(stats, k=kr, ridge=cfg.ridge)
     # the ranks hold the same sums; rank 0's choice is everyone's, whatever the last bit of float
-    order = sel.shard.from_rank0(order) if sel.shard.enabled else order
+    order = sel.shard.from_rank0(order)
     keep = sorted(order)
     if squeeze:
         # slice everything, refit the squeeze so the gates match the original network's, then

@@ -2,18 +2,19 @@
 
 What selection reads from the data is sums (the Grams G = X^T X, B = X^T Y, ||Y||^2 and row
 counts of every consumer, and the BatchNorm sums of the re-calibration), so each rank sums its
-own batches and the sums are all-reduced in float64 before anything is chosen; every rank then
+own batches and the sums are combined across ranks before anything is chosen; every rank then
 holds the same statistics, makes the same choices (rank 0's are broadcast, so a rounding
 difference cannot split them) and applies the same surgery. Rows are sampled with a generator
 seeded per (accumulator, global batch index), so which rows a batch contributes does not depend
-on which rank runs it: the selection equals a single process's on the same images, up to the
-order of float64 additions.
+on which rank runs it, and the totals do not depend on the order of the batches (float32 Gram
+products summed in float64; the rounded float64 sums through :class:`ExactSum`): the selection
+equals a single process's on the same images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 import torch
 
@@ -61,18 +62,17 @@ class Shard:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def exact_sum_(self, total) -> None:
-        """Sum a :class:`~gslim.compress.calibrate.ExactSum` across ranks, in place, to the same
-        rounded value as one process adding every term: the ``hi`` parts are gathered and added in
-        rank order with TwoSum (an all-reduce would round them in the order of its ring), the
-        ``lo`` parts, 2^-53 smaller, are all-reduced."""
+    def exact_sum_(self, total: "ExactSum") -> None:
+        """Sum an :class:`ExactSum` across ranks, in place, to the same rounded value as one process
+        adding every term: the ``hi`` parts are gathered and added in rank order with TwoSum (an
+        all-reduce would round them in the order of its ring), the ``lo`` parts, 2^-53 smaller, are
+        all-reduced. Every rank must have added a term (:meth:`mine` gives each rank a batch)."""
         if not self.enabled:
             return
         import torch.distributed as dist
 
-        hi = total.hi if total.hi is not None else torch.zeros((), device=self.device)  # (mine(): never)
-        parts = [torch.empty_like(hi) for _ in range(self.info.world_size)]
-        dist.all_gather(parts, hi.contiguous())
+        parts = [torch.empty_like(total.hi) for _ in range(self.info.world_size)]
+        dist.all_gather(parts, total.hi.contiguous())
         dist.all_reduce(total.lo, op=dist.ReduceOp.SUM)
         lo = total.lo
         total.hi, total.lo = parts[0].clone(), torch.zeros_like(lo)
@@ -94,6 +94,32 @@ class Shard:
         t = torch.tensor(values, dtype=torch.int64, device=self.device)
         dist.broadcast(t, src=0)
         return t.tolist()
+
+
+class ExactSum:
+    """A float64 sum kept to twice float64 precision (``hi + lo``, Knuth's TwoSum): the rounded
+    total is the same in whatever order the terms come, but for totals within 2^-100 of a
+    rounding boundary."""
+
+    def __init__(self) -> None:
+        self.hi: Optional[torch.Tensor] = None
+        self.lo: Optional[torch.Tensor] = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        if self.hi is None:
+            self.hi, self.lo = x.clone(), torch.zeros_like(x)
+            return
+        total = self.hi + x
+        back = total - self.hi
+        self.lo += (self.hi - (total - back)) + (x - back)
+        self.hi = total
+
+    def value(self) -> torch.Tensor:
+        return self.hi + self.lo
+
+    def __float__(self) -> float:
+        return 0.0 if self.hi is None else float(self.value())
 
 
 SINGLE = Shard()

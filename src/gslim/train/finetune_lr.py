@@ -84,25 +84,24 @@ def derive_finetune_lr(
 
 
 def resolve_auto_lr(run, step_fn: Callable) -> None:
-    """Set ``run.lr_rule`` (and ``run.peak_lr``) for an 'auto' lr: probe the factors on the held-out
-    images when there are some. ``step_fn(run, x, y, lr)`` is one optimizer step of the run."""
+    """Set ``run.lr_rule`` for an 'auto' lr: probe the factors on the held-out images when there
+    are some. ``step_fn(run, x, y, lr)`` is one optimizer step of the run."""
     keeper = run.holdout.keeper if run.holdout is not None else None
     start = keeper.history[0]["holdout_top1"] if keeper and keeper.history else None
     teacher = (keeper.teacher or {}).get("holdout_top1") if keeper else None
-    factors = list(run.cfg.lr_probe_factors)
-    rule = derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher, factors[0])
-    if run.holdout is not None and len(factors) > 1 and run.total_steps > 0:
-        probes = [
-            _probe(run, step_fn, derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher, f))
-            for f in factors
-        ]
-        best = max(probes, key=lambda p: (p["holdout_top1"], -p["holdout_loss"]))
-        rule = derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher, best["factor"])
+    rules = [
+        derive_finetune_lr(run.lr_reference, run.cfg.optimizer, start, teacher, f)
+        for f in run.cfg.lr_probe_factors
+    ]
+    run.lr_rule = rules[0]
+    if run.holdout is not None and len(rules) > 1 and run.total_steps > 0:
+        probes = [_probe(run, step_fn, rule) for rule in rules]
+        best = max(range(len(rules)), key=lambda i: (probes[i]["holdout_top1"], -probes[i]["holdout_loss"]))
         scores = ", ".join(f"{p['factor']:.3g}x {p['holdout_top1']:.2f}%" for p in probes)
-        rule["probe"] = {"steps": probes[0]["steps"], "points": probes}
-        rule["why"] += f"; chosen on the held-out images by a {probes[0]['steps']}-step probe: {scores}"
-    run.lr_rule = rule
-    run.peak_lr = scaled_lr(rule["lr"], run.data.batch_size * run.info.world_size)
+        run.lr_rule = {**rules[best], "probe": {"steps": probes[0]["steps"], "points": probes}}
+        run.lr_rule["why"] += (
+            f"; chosen on the held-out images by a {probes[0]['steps']}-step probe: {scores}"
+        )
 
 
 def _probe(run, step_fn: Callable, rule: dict) -> dict:
