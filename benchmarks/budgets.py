@@ -1,7 +1,11 @@
-"""Do compressed models meet their budget? Six torchvision models at 224x224, several budgets.
+"""Do compressed models meet their budget? Torchvision models at 224x224, several budgets.
 
     python benchmarks/budgets.py [--archs mobilenet_v2,...] [--budgets 70%,50%,30%] [--calib 64]
         [--criterion greedy] [--quick]
+    python benchmarks/budgets.py --archs resnext50_32x4d,regnet_y_400mf,convnext_tiny --size 64 --budgets 50%
+
+The default list is the six models of the mission and three families with grouped convolutions
+(ResNeXt, RegNet: whole groups are removed) and channels-last blocks (ConvNeXt).
 
 Random weights with BatchNorm statistics re-estimated on the calibration images (so the
 features are not degenerate), synthetic calibration images. For each model and budget it
@@ -17,11 +21,12 @@ import time
 import torch
 
 SIX = "mobilenet_v2,mobilenet_v3_small,mobilenet_v3_large,resnet18,resnet34,resnet50"
+FAMILIES = "resnext50_32x4d,regnet_y_400mf,convnext_tiny"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--archs", default=SIX)
+    ap.add_argument("--archs", default=f"{SIX},{FAMILIES}")
     ap.add_argument("--budgets", default="70%,50%,30%")
     ap.add_argument("--metric", default="macs", choices=["macs", "params"])
     ap.add_argument("--criterion", default="greedy")
@@ -66,7 +71,7 @@ def main() -> None:
             step = 0.0
             for name, k in widths.items():  # the largest cost change of one rounding step on any unit
                 if k < cost.full.get(name, 0):
-                    wider = dict(widths, **{name: min(cost.full[name], k + 8)})
+                    wider = dict(widths, **{name: min(cost.full[name], k + cost.step(name, 8))})
                     measure = cost.macs if args.metric == "macs" else cost.params
                     step = max(step, measure(wider) - measure(widths))
             ok = got <= frac * base * 1.001 and got >= frac * base - step * 1.001 - 0.02 * base

@@ -29,7 +29,7 @@ def test_sampled_rows_equal_the_rows_of_the_full_layout(kw):
     conv = nn.Conv2d(5, 6, **kw)
     x = torch.randn(3, 5, 11, 9)
     y = conv(x)
-    n = row_count(y)
+    n = row_count(conv, y)
     full_x, full_y = consumer_rows(conv, x), target_rows(conv, y)
     assert full_x.shape[0] == full_y.shape[0] == n
     for pick in (torch.tensor([0, n - 1]), torch.nonzero(torch.rand(n) < 0.3).flatten(), torch.arange(n)):
@@ -51,3 +51,19 @@ def test_linear_rows_and_their_own_memory():
     taken, whole = rows.clone(), consumer_rows(lin, x)
     x.neg_()  # an in-place op after the hook cannot change rows already taken
     assert torch.equal(rows, taken) and torch.equal(whole, -x)
+
+
+def test_a_linear_on_a_channels_last_map_has_one_row_per_position():
+    """ConvNeXt's pointwise Linears read (N, H, W, C): every position is a regression row (a
+    row per image would have been 1/(H*W) of the data, and the NCHW layout the wrong axes)."""
+    from gslim.compress.calibrate import row_fraction
+
+    lin = nn.Linear(4, 3)
+    x = torch.randn(2, 5, 6, 4)
+    y = lin(x)
+    n = row_count(lin, y)
+    assert n == 2 * 5 * 6
+    pick = torch.tensor([0, 7, n - 1])
+    assert torch.equal(consumer_rows(lin, x, pick), x.reshape(-1, 4)[pick])
+    assert torch.allclose(target_rows(lin, y, pick), (x.reshape(-1, 4) @ lin.weight.T)[pick], atol=1e-6)
+    assert row_fraction(lin, y.shape, images=1000, max_rows=3000) == pytest.approx(0.1)

@@ -106,14 +106,39 @@ def test_table_measures_real_layers_once(tmp_path, monkeypatch):
     settings = LatencySettings(min_iters=3, min_seconds=0.0, warmup_s=0.0, rounds=1)
     shapes = [LayerShape("conv", 8, c, kernel=(3, 3), padding=(1, 1), hw=(8, 8)) for c in (8, 16)]
     shapes.append(LayerShape("linear", 16, 4))
+    shapes.append(LayerShape("linear", 16, 4, hw=(4, 4)))  # at every position of a channels-last map
     table = LatencyTable.open(settings)
     table.measure(shapes, settings)
-    assert table.measured_now == 3 and all(table.lookup(s) > 0 for s in shapes)
+    assert table.measured_now == 4 and all(table.lookup(s) > 0 for s in shapes)
     again = LatencyTable.open(settings)
     again.measure(shapes, settings)
     assert again.measured_now == 0 and again.entries == table.entries
     data = json.loads(table.path.read_text())
     assert data["format"] == "gslim-latency-table" and data["context"]["threads"] == 1
+
+
+def test_latency_layers_price_grouped_convs_and_channels_last_linears():
+    """A grouped conv carrying a unit loses whole groups (its group width stays), and a Linear on
+    a channels-last map (ConvNeXt) is timed at every position of that map."""
+    import torchvision
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    from gslim.compress.latency import model_layers
+    from gslim.compress.units import find_units
+
+    graph = find_units(torchvision.models.get_model("regnet_x_400mf", num_classes=10), 32)
+    u = next(u for u in graph.units if u.atom > 1)
+    grouped = next(ly for ly in model_layers(graph, graph.units, 32) if ly.depthwise and ly.in_unit == u.name)
+    s = grouped.at({u.name: u.width // 2})
+    assert s.cin == s.cout == u.width // 2 and s.groups == u.width // 2 // u.atom
+    assert s.module()(torch.randn(1, s.cin, *s.hw)).shape[1] == u.width // 2
+
+    convnext = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10)
+    graph = find_units(convnext, 32)
+    linears = [ly for ly in model_layers(graph, graph.units, 32) if ly.shape.op == "linear"]
+    assert linears and all(ly.shape.hw in ((8, 8), (4, 4)) for ly in linears)  # stem stride 4, then 2
+    s = linears[0].shape
+    assert s.module()(torch.randn(1, s.cin, *s.hw)).shape == (1, *s.hw, s.cout)
 
 
 def _mac_timer(monkeypatch, slow: float = 1.0):

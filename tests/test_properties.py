@@ -180,6 +180,10 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
             m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=g))
             m.bias.data.copy_(0.2 * torch.randn(m.num_features, generator=g))
+    with torch.no_grad():  # ConvNeXt's layer scale starts at 1e-6: its blocks would not show
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
     return model.eval()
 
 
@@ -193,18 +197,20 @@ def _base(arch: str) -> nn.Module:
     return _BASE[arch]
 
 
-def _keep(width: int, how: str, frac: float, g: torch.Generator) -> list[int]:
-    perm = torch.randperm(width, generator=g).tolist()
+def _keep(width: int, how: str, frac: float, g: torch.Generator, atom: int = 1) -> list[int]:
+    """A keep-set of whole groups of ``atom`` channels (a grouped conv carries the unit)."""
+    n = width // atom
+    perm = torch.randperm(n, generator=g).tolist()
     k = {
         "one": 1,
-        "all": width,
-        "all-but-one": max(1, width - 1),
-        "fraction": max(1, min(width, round(frac * width))),
+        "all": n,
+        "all-but-one": max(1, n - 1),
+        "fraction": max(1, min(n, round(frac * n))),
     }[how]
-    return sorted(perm[:k])
+    return sorted(a * atom + i for a in perm[:k] for i in range(atom))
 
 
-@pytest.mark.parametrize("arch", SIX)
+@pytest.mark.parametrize("arch", SIX + ["resnext50_32x4d", "regnet_y_400mf", "convnext_tiny"])
 @settings(
     max_examples=3,
     deadline=None,
@@ -225,10 +231,10 @@ def test_slimmed_model_equals_the_masked_original(arch, seed, frac, modes, share
     for u in units:  # a random share of the units, each with a keep-set of a random kind
         if torch.rand((), generator=g) < share:
             how = modes[int(torch.randint(len(modes), (), generator=g))]
-            keeps[u.name] = _keep(u.width, how, frac, g)
+            keeps[u.name] = _keep(u.width, how, frac, g, u.atom)
     if not keeps:
         u = units[0]
-        keeps[u.name] = _keep(u.width, "fraction", frac, g)
+        keeps[u.name] = _keep(u.width, "fraction", frac, g, u.atom)
 
     masked = masked_copy(model, [(u, keeps[u.name]) for u in units if u.name in keeps])
     slim = copy.deepcopy(model)

@@ -41,10 +41,11 @@ def _resize(mod: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
             mod._buffers[name] = new
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd) and "weight" in shapes:
-        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        carried = mod.groups > 1 and mod.in_channels == mod.out_channels
         mod.out_channels = w.shape[0]
-        if depthwise:  # one filter per channel: the group count follows the width
-            mod.groups = mod.in_channels = w.shape[0]
+        if carried:  # depthwise or grouped: whole groups went, the group width (w.shape[1]) stays
+            mod.in_channels = w.shape[0]
+            mod.groups = w.shape[0] // w.shape[1]
         else:
             mod.in_channels = w.shape[1] * mod.groups
     elif isinstance(mod, nn.Linear) and "weight" in shapes:

@@ -44,6 +44,7 @@ class CostModel:
 
         self.units = {u.name: u for u in units}
         self.full = {u.name: u.width for u in units}
+        self.atom = {u.name: u.atom for u in units}
         reads, writes, carries = layer_roles(units)
         gm = shaped(graph, input_size)
         mods = dict(gm.named_modules())
@@ -57,7 +58,7 @@ class CostModel:
             name = node.target
             if isinstance(mod, nn.Conv2d):
                 kk = mod.kernel_size[0] * mod.kernel_size[1]
-                if name in carries:  # depthwise
+                if name in carries:  # depthwise or grouped, carrying a unit
                     self.layers.append(
                         _Layer(
                             "dw",
@@ -95,7 +96,8 @@ class CostModel:
                         mod.out_features,
                         1,
                         1,
-                        1,
+                        # positions: 1 on a flat (N, C) input, H*W on a channels-last map (ConvNeXt)
+                        int(torch.tensor(shape[1:-1]).prod()) if len(shape) > 2 else 1,
                         mod.bias is not None,
                     )
                 )
@@ -118,10 +120,10 @@ class CostModel:
             cout = self._w(widths, ly.out_unit, ly.cout)
             if ly.kind == "conv":
                 total += cout * (cin // ly.groups if ly.groups > 1 else cin) * ly.kk * ly.spatial
-            elif ly.kind == "dw":
-                total += cout * ly.kk * ly.spatial
+            elif ly.kind == "dw":  # depthwise or grouped: the group width stays, groups go
+                total += cout * (ly.cin // ly.groups) * ly.kk * ly.spatial
             elif ly.kind == "linear":
-                total += cin * cout
+                total += cin * cout * ly.spatial
             else:
                 total += 2 * cout * ly.spatial
         return total
@@ -136,12 +138,15 @@ class CostModel:
                     cout if ly.bias else 0
                 )
             elif ly.kind == "dw":
-                total += cout * ly.kk + (cout if ly.bias else 0)
+                total += cout * (ly.cin // ly.groups) * ly.kk + (cout if ly.bias else 0)
             elif ly.kind == "linear":
                 total += cin * cout + (cout if ly.bias else 0)
             else:
                 total += 2 * cout
         return total
+
+    def step(self, name: str, round_to: int) -> int:
+        return unit_round_to(round_to, self.atom.get(name, 1))
 
     def macs(self, widths: dict[str, int]) -> float:
         return self._macs(widths) + self.macs_offset
@@ -164,7 +169,7 @@ def knapsack_widths(
     (:func:`gslim.compress.allocate.allocate`)."""
     from gslim.compress.allocate import allocate
 
-    options = {n: width_options(c, round_to, min_width) for n, c in cost.full.items()}
+    options = {n: width_options(c, cost.step(n, round_to), min_width) for n, c in cost.full.items()}
 
     def error(name: str, k: int) -> float:
         curve = curves.get(name) or [0.0]
@@ -188,6 +193,12 @@ def unreachable(budget: Budget, cost: CostModel, floor: dict[str, int]) -> Gslim
         f"unreachable: at the minimum widths the model still has {smallest:{fmt}}{unit} "
         f"({100 * smallest / base:.1f}%); lower compress.min_width or round_to, or raise the target"
     )
+
+
+def unit_round_to(round_to: int, atom: int) -> int:
+    """The step a unit's width moves in: a multiple of ``round_to`` made of whole groups of
+    ``atom`` channels (a grouped conv carrying the unit)."""
+    return math.lcm(max(round_to, 1), max(atom, 1))
 
 
 def round_width(k: int, full: int, round_to: int, min_width: int) -> int:
@@ -252,7 +263,10 @@ def uniform_widths(
     """The same keep ratio in every unit, as large as the budget allows."""
 
     def at(r: float) -> dict[str, int]:
-        return {n: round_width(int(math.ceil(r * c)), c, round_to, min_width) for n, c in cost.full.items()}
+        return {
+            n: round_width(int(math.ceil(r * c)), c, cost.step(n, round_to), min_width)
+            for n, c in cost.full.items()
+        }
 
     ratio, widths = _search(at, budget, cost, 0.0, 1.0, increasing=True)
     return ratio, fill_budget(cost, budget, widths, round_to)
@@ -272,7 +286,6 @@ def fill_budget(
     uniform allocation uniform up to one step).
     """
     widths = dict(widths)
-    step = max(round_to, 1)
     while True:
         here = budget.measure(cost, widths)
         best, best_score = None, -float("inf")
@@ -281,7 +294,7 @@ def fill_budget(
             if k >= cost.full[name]:
                 continue
             trial = dict(widths)
-            trial[name] = min(cost.full[name], k + step)
+            trial[name] = min(cost.full[name], k + cost.step(name, round_to))
             extra = budget.measure(cost, trial) - here
             if budget.measure(cost, trial) > budget.target:
                 continue
@@ -305,13 +318,18 @@ def curve_gain(curves: dict[str, list[float]]) -> Callable[[str, int, int], floa
 
 
 def widths_for_eps(
-    curves: dict[str, list[float]], full: dict[str, int], eps: float, round_to: int, min_width: int
+    curves: dict[str, list[float]],
+    full: dict[str, int],
+    eps: float,
+    round_to: int,
+    min_width: int,
+    atom: Optional[dict[str, int]] = None,
 ) -> dict[str, int]:
     """Per unit, the fewest channels whose relative error is at most eps (then rounded)."""
     out = {}
     for name, curve in curves.items():
         k = next((i + 1 for i, e in enumerate(curve) if e <= eps), full[name])
-        out[name] = round_width(k, full[name], round_to, min_width)
+        out[name] = round_width(k, full[name], unit_round_to(round_to, (atom or {}).get(name, 1)), min_width)
     return out
 
 
@@ -321,7 +339,7 @@ def eps_widths(
     """The smallest eps whose per-unit widths fit the budget (searched on a log scale)."""
 
     def at(log_eps: float) -> dict[str, int]:
-        return widths_for_eps(curves, cost.full, 10.0**log_eps, round_to, min_width)
+        return widths_for_eps(curves, cost.full, 10.0**log_eps, round_to, min_width, cost.atom)
 
     log_eps, widths = _search(at, budget, cost, -9.0, 0.0, increasing=False)
     # many units cross a rounding step at once as eps moves: spend the remainder where the

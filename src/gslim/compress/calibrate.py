@@ -10,6 +10,7 @@ and only ever pay for one pass of each network over the calibration set.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Optional
 
@@ -170,9 +171,10 @@ def consumer_rows(mod: nn.Module, x: torch.Tensor, pick: Optional[torch.Tensor] 
     return _own(rows if pick is None else rows[pick.to(rows.device)], src)
 
 
-def row_count(y: torch.Tensor) -> int:
-    """Regression rows in a consumer's output (positions of all images)."""
-    return y.shape[0] if y.dim() == 2 else y.numel() // y.shape[1]
+def row_count(mod: nn.Module, y: torch.Tensor) -> int:
+    """Regression rows in a consumer's output (positions of all images): a Linear's output
+    has its channels last (one row per image, or per position of a channels-last map)."""
+    return y.numel() // y.shape[-1 if isinstance(mod, nn.Linear) else 1]
 
 
 def target_rows(mod: nn.Module, y: torch.Tensor, pick: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -183,7 +185,9 @@ def target_rows(mod: nn.Module, y: torch.Tensor, pick: Optional[torch.Tensor] = 
     after the consumer (``ReLU(inplace=True)``) would otherwise overwrite the target.
     """
     src = y
-    if y.dim() != 2:
+    if isinstance(mod, nn.Linear):  # channels last: (N, O) or a channels-last map (N, H, W, O)
+        y = y.reshape(-1, y.shape[-1])
+    elif y.dim() != 2:
         y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
     if pick is not None:
         y = y[pick.to(y.device)]
@@ -267,7 +271,7 @@ class StatsAccumulator:
 
     def add_sampled(self, mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         """Sample the rows of a batch (``x`` the consumer's input, ``y`` its output), then add them."""
-        sample = self.draw(row_count(y))
+        sample = self.draw(row_count(mod, y))
         self.add(consumer_rows(mod, x, sample.pick), target_rows(mod, y, sample.pick), sample.held)
 
     def result(self, group: int) -> Stats:
@@ -325,7 +329,9 @@ class _Sums:
 
 def rows_per_image(mod: nn.Module, y_shape: torch.Size) -> int:
     """Regression rows one image contributes: the consumer's output positions."""
-    if isinstance(mod, nn.Linear) or len(y_shape) == 2:
+    if isinstance(mod, nn.Linear):  # one row per image, or per position of a channels-last map
+        return math.prod(int(d) for d in y_shape[1:-1])
+    if len(y_shape) == 2:
         return 1
     return int(y_shape[-1] * y_shape[-2])
 
@@ -333,7 +339,7 @@ def rows_per_image(mod: nn.Module, y_shape: torch.Size) -> int:
 def row_fraction(mod: nn.Module, y_shape: torch.Size, images: int, max_rows: int) -> float:
     """Fraction of positions to keep so that at most ``max_rows`` rows are used (from the
     consumer's *output* shape, which already accounts for stride, dilation and padding)."""
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, nn.Linear) and len(y_shape) == 2:
         return 1.0
     total = images * rows_per_image(mod, y_shape)
     return min(1.0, max_rows / max(total, 1))

@@ -27,7 +27,16 @@ from gslim.compress.calibrate import (
     target_rows,
     unit_span,
 )
-from gslim.compress.omp import Stats, greedy_select, prediction_error_curve, refit, subset_error
+from gslim.compress.omp import (
+    Stats,
+    channels_of,
+    coarsen,
+    greedy_select,
+    per_channel_curve,
+    prediction_error_curve,
+    refit,
+    subset_error,
+)
 from gslim.compress.selection import PLANNING_FLOOR, Progress, UnitReport
 from gslim.compress.shard import SINGLE, Shard
 from gslim.compress.slim import slim_unit
@@ -91,10 +100,11 @@ def planning_curves(
                 original(x)
     curves = {}
     for u in units:
-        stats = [accs[(u.name, c)].result(kernel_group(mods[c])) for c in u.consumers]
+        stats = [coarsen(accs[(u.name, c)].result(kernel_group(mods[c])), u.atom) for c in u.consumers]
         # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
         _, path = greedy_select(stats, eps=PLANNING_FLOOR, ridge=cfg.ridge)
-        curves[u.name] = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
+        curve = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
+        curves[u.name] = per_channel_curve(curve, u.atom)
     return curves
 
 
@@ -141,7 +151,7 @@ class _Selection:
                     self.gen,
                     shard=self.shard,
                 )
-            sample = accs[c].draw(row_count(out))
+            sample = accs[c].draw(row_count(m, out))
             rows = target_rows(m, out, sample.pick)
             if c in self.kept_rows:
                 rows = rows[:, self.kept_rows[c]]
@@ -236,19 +246,23 @@ class _SegmentWalk:
         self.split = None
         self.live: Optional[list[tuple]] = None
         self.keep: Optional[tuple[int, torch.Tensor]] = None  # the last unit's (width before, kept)
-        self.consumer_inputs: list[int] = []  # live values read by its consumers: in its channel space
+        # live values read by its consumers (in its channel space), with their channel dimension
+        self.consumer_inputs: list[tuple[int, int]] = []
         if self.last is not None:
             first = min(self.last.consumers, key=lambda c: graph.node_index[graph.consumer_node[c]])
             self.split = split_segment(wseg, first)
         if self.split is not None:
-            consumer_args = {
-                n.args[0].name
+            mods = dict(wseg.named_modules())
+            consumer_args = {  # a Linear reads its channels last: (N, C) or a channels-last map
+                n.args[0].name: -1 if isinstance(mods.get(n.target), nn.Linear) else 1
                 for n in wseg.graph.nodes
                 if n.op == "call_module"
                 and n.target in self.last.consumers
                 and isinstance(n.args[0], fx.Node)
             }
-            self.consumer_inputs = [i for i, name in enumerate(self.split.live) if name in consumer_args]
+            self.consumer_inputs = [
+                (i, consumer_args[name]) for i, name in enumerate(self.split.live) if name in consumer_args
+            ]
 
     def run_for(self, u: Unit) -> Callable[[], None]:
         capture = u is self.last and self.split is not None
@@ -299,10 +313,10 @@ class _SegmentWalk:
 
     def _sliced(self, values: tuple, width: int, keep: torch.Tensor) -> tuple:
         out = list(values)
-        for i in self.consumer_inputs:
+        for i, dim in self.consumer_inputs:
             v = out[i]
-            if v.shape[1] == width and keep.numel() < width:  # captured before the surgery: slice it
-                out[i] = v.index_select(1, keep.to(v.device))
+            if v.shape[dim] == width and keep.numel() < width:  # captured before the surgery: slice it
+                out[i] = v.index_select(dim, keep.to(v.device))
         return tuple(out)
 
 
@@ -329,11 +343,18 @@ def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], N
     if k is not None and k >= width:
         order = list(range(width))
     else:
-        order, _ = greedy_select(stats, k=k, eps=cfg.eps if k is None else None, ridge=cfg.ridge)
+        # whole groups of u.atom channels where a grouped conv carries the unit (1: channels)
+        coarse, a = [coarsen(st, u.atom) for st in stats], u.atom
+        groups, _ = greedy_select(
+            coarse, k=None if k is None else -(-k // a), eps=cfg.eps if k is None else None, ridge=cfg.ridge
+        )
         if k is None:  # eps-driven: round the count up, adding the next greedy choices
-            kr = budget_mod.round_width(len(order), width, cfg.round_to, cfg.min_width)
-            if kr > len(order):
-                order, _ = greedy_select(stats, k=kr, ridge=cfg.ridge)
+            kr = budget_mod.round_width(
+                len(groups) * a, width, budget_mod.unit_round_to(cfg.round_to, a), cfg.min_width
+            )
+            if kr > len(groups) * a:
+                groups, _ = greedy_select(coarse, k=kr // a, ridge=cfg.ridge)
+        order = channels_of(groups, a)
     # the ranks hold the same sums; rank 0's choice is everyone's, whatever the last bit of float
     order = sel.shard.from_rank0(order)
     keep = sorted(order)

@@ -14,6 +14,7 @@ from gslim.compress.calibrate import (
     Segment,
 )
 from gslim.compress.greedy import segments_for
+from gslim.compress.omp import channels_of
 from gslim.compress.selection import Progress, UnitReport
 from gslim.compress.slim import slim_unit
 from gslim.compress.units import Unit, UnitGraph
@@ -82,19 +83,20 @@ def _loss_forward_selection(
     cfg: CompressConfig,
     gen: torch.Generator,
 ) -> list[int]:
-    C = u.width
+    C, a = u.width, u.atom  # candidates are whole groups of ``a`` channels (1: single channels)
+    n_groups, k = C // a, -(-k // a)
     selected: list[int] = []
     mask_state = {"masks": None}
 
     def masked_input(m, args):
-        masks = mask_state["masks"]  # (n_cand, C)
+        masks = mask_state["masks"].repeat_interleave(a, dim=1)  # (n_cand, C)
         inp = args[0]
         nc = masks.shape[0]
         shaped = inp.view(nc, -1, *inp.shape[1:])
         view = [nc, 1, C] + [1] * (inp.dim() - 2)
         return (shaped * masks.view(view)).view_as(inp)
 
-    sample = cfg.loss_candidates or max(1, math.ceil(C / k * math.log(100.0)))
+    sample = cfg.loss_candidates or max(1, math.ceil(n_groups / k * math.log(100.0)))
     batch = min(cfg.loss_batch, x.shape[0])
     # candidates scored in one batched forward, sized by the activation they replicate
     # (~32M floats of segment input: 64 candidates at 32 px, 1 at 224 px instead of gigabytes)
@@ -103,11 +105,11 @@ def _loss_forward_selection(
     with Hooks() as hooks:
         for c in u.readers:
             hooks.pre(wmods[c], masked_input)
-        base = torch.zeros(C, device=x.device)  # the masks multiply activations on their device
+        base = torch.zeros(n_groups, device=x.device)  # the masks multiply activations on their device
         while len(selected) < k:
             pick = torch.randperm(x_all.shape[0], generator=gen)[:batch]
             x, y = x_all[pick], y_all[pick]
-            remaining = torch.tensor([j for j in range(C) if j not in set(selected)])
+            remaining = torch.tensor([j for j in range(n_groups) if j not in set(selected)])
             if sample < remaining.numel():
                 remaining = remaining[torch.randperm(remaining.numel(), generator=gen)[:sample]]
             best_j, best_loss = None, float("inf")
@@ -125,7 +127,7 @@ def _loss_forward_selection(
                     best_loss, best_j = float(mean[i]), int(chunk[i])
             selected.append(best_j)
             base[best_j] = 1.0
-    return selected
+    return channels_of(selected, a)
 
 
 # ---------------------------------------------------------------------------------------

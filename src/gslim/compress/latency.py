@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from gslim.compress import latency_table
-from gslim.compress.budget import round_width
+from gslim.compress.budget import round_width, unit_round_to
 from gslim.compress.latency_table import ONNX_BACKENDS, LatencySettings, LatencyTable, LayerShape
 from gslim.compress.units import Unit, UnitGraph, layer_roles, shaped
 
@@ -57,7 +57,8 @@ class _Layer:
         s = self.shape
         cin = widths.get(self.in_unit, s.cin) if self.in_unit else s.cin
         cout = widths.get(self.out_unit, s.cout) if self.out_unit else s.cout
-        groups = cout if self.depthwise else s.groups
+        # depthwise or grouped carrying a unit: the group width stays, whole groups go
+        groups = cout // (s.cin // s.groups) if self.depthwise else s.groups
         return LayerShape(s.op, cin, cout, groups, s.kernel, s.stride, s.padding, s.dilation, s.hw, s.bias)
 
 
@@ -99,7 +100,9 @@ def model_layers(graph: UnitGraph, units: list[Unit], input_size: int) -> list[_
                 )
             )
         elif isinstance(mod, nn.Linear):
-            shape = LayerShape("linear", mod.in_features, mod.out_features, bias=mod.bias is not None)
+            # on a channels-last map (N, H, W, C) the Linear runs at every position
+            hw = (int(in_shape[1]), int(in_shape[2])) if len(in_shape) == 4 else (1, 1)
+            shape = LayerShape("linear", mod.in_features, mod.out_features, hw=hw, bias=mod.bias is not None)
             layers.append(_Layer(name, shape, reads.get(name), writes.get(name), False))
     return layers
 
@@ -173,7 +176,10 @@ class LatencyModel:
         """Measure what the table lacks for this model (and the full model's latency) and build."""
         layers = model_layers(graph, units, input_size)
         full = {u.name: u.width for u in units}
-        grids = {u.name: width_grid(u.width, settings.grid, round_to, min_width) for u in units}
+        grids = {
+            u.name: width_grid(u.width, settings.grid, unit_round_to(round_to, u.atom), min_width)
+            for u in units
+        }
         table.measure(list(_grid_shapes(layers, full, grids)), settings, progress)
         if full_ms is None:
             full_ms = latency_table.measure_model(model, input_size, settings, table)
@@ -228,7 +234,10 @@ class LatencyModel:
         probes, widths = {}, {}
         for f in fractions:
             w = {
-                u.name: round_width(int(math.ceil(f * u.width)), u.width, round_to, min_width) for u in units
+                u.name: round_width(
+                    int(math.ceil(f * u.width)), u.width, unit_round_to(round_to, u.atom), min_width
+                )
+                for u in units
             }
             probe = copy.deepcopy(model).eval()
             for u in copy.deepcopy(units):

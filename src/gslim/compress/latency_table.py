@@ -61,6 +61,8 @@ class LayerShape:
 
     def module(self) -> nn.Module:
         if self.op == "linear":
+            if self.hw != (1, 1):
+                return _ChannelsLastLinear(self.cin, self.cout, self.bias)
             return _FlatLinear(self.cin, self.cout, self.bias)
         return nn.Conv2d(
             self.cin,
@@ -83,6 +85,20 @@ class _FlatLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(x, 1))
+
+
+class _ChannelsLastLinear(nn.Module):
+    """A linear layer over every position of a map (ConvNeXt's pointwise layers), fed the same
+    NCHW input as the other layers: the reshape reinterprets it as channels-last (a view, no
+    copy; the values do not matter to a timing), so what is timed is the MatMul itself."""
+
+    def __init__(self, cin: int, cout: int, bias: bool):
+        super().__init__()
+        self.fc = nn.Linear(cin, cout, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return self.fc(x.reshape(n, h, w, c))
 
 
 # ----------------------------------------------------------------------------- the table

@@ -21,7 +21,7 @@ is the one that lowers the *sum* of their errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -184,3 +184,22 @@ def prediction_error_curve(path: list[float], rows: int, group: int) -> list[flo
         best = min(best, fpe, 1.0)
         out.append(best)
     return out
+
+
+def coarsen(st: Stats, atom: int) -> Stats:
+    """The same statistics with ``atom`` consecutive channels as one selectable group (the
+    channels a grouped conv keeps or drops together; columns are laid out channel-major)."""
+    if atom == 1:
+        return st
+    return replace(st, group=st.group * atom, held=coarsen(st.held, atom) if st.held is not None else None)
+
+
+def channels_of(groups: list[int], atom: int) -> list[int]:
+    """The channels of the selected groups of ``atom`` channels, in selection order."""
+    return [g * atom + i for g in groups for i in range(atom)]
+
+
+def per_channel_curve(curve: list[float], atom: int) -> list[float]:
+    """A curve over kept groups as a curve over kept channels: a width of c channels needs
+    ceil(c / atom) groups."""
+    return [curve[(c - 1) // atom] for c in range(1, len(curve) * atom + 1)]

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gslim.compress.omp import channels_of
 from gslim.compress.selection import SelectionRun, UnitReport
 from gslim.compress.slim import slim_unit
 from gslim.compress.units import Unit
@@ -54,7 +55,10 @@ def ranking(scores: Callable[[nn.Module, Unit, torch.Generator], torch.Tensor]):
         for i, u in enumerate(run.units):
             width = u.width
             k = run.widths.get(u.name, width)
-            order = torch.argsort(scores(run.work, u, run.gen), descending=True, stable=True)[:k].tolist()
+            # a grouped conv carrying the unit keeps whole groups: rank groups by their channels' total
+            group_scores = scores(run.work, u, run.gen).reshape(-1, u.atom).sum(1)
+            top = torch.argsort(group_scores, descending=True, stable=True)[: -(-k // u.atom)].tolist()
+            order = channels_of(top, u.atom)
             if k < width:
                 slim_unit(run.work, u, sorted(order))
             reports.append(

@@ -54,10 +54,19 @@ def _cut_member(mod: nn.Module, idx: torch.Tensor) -> None:
         for name in ("weight", "bias", "running_mean", "running_var"):
             _slice(mod, name, idx, 0)
         mod.num_features = len(idx)
-    elif isinstance(mod, nn.Conv2d):  # depthwise
+    elif isinstance(mod, nn.Conv2d):  # depthwise or grouped with in == out: whole groups only
+        per_group = mod.in_channels // mod.groups
+        groups = idx.view(-1, per_group) if len(idx) % per_group == 0 else None
+        if groups is None or not bool(
+            (
+                (groups[:, 0] % per_group == 0) & (groups - groups[:, :1] == torch.arange(per_group)).all(1)
+            ).all()
+        ):
+            raise GslimError(f"cannot keep part of a group of {per_group} channels in grouped conv")
         _slice(mod, "weight", idx, 0)
         _slice(mod, "bias", idx, 0)
-        mod.in_channels = mod.out_channels = mod.groups = len(idx)
+        mod.in_channels = mod.out_channels = len(idx)
+        mod.groups = len(idx) // per_group
     else:
         raise GslimError(f"cannot slim channels of {type(mod).__name__}")
 
