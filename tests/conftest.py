@@ -88,3 +88,25 @@ def run_cli(capsys: pytest.CaptureFixture) -> Callable[[list[str]], CliResult]:
         return CliResult(code, out.out, out.err)
 
     return _run
+
+
+def slim_vs_masked(model, keeps: dict, input_size: int = 32):
+    """Slim a copy of ``model`` to ``keeps`` (unit name -> kept channels) and compare it with the
+    masked original on random inputs: (largest difference relative to max(1, |output|), slim)."""
+    import copy
+
+    import torch
+
+    from gslim.compress.slim import masked_copy, slim_unit
+    from gslim.compress.units import find_units
+
+    units = find_units(model, input_size).units
+    masked = masked_copy(model, [(u, keeps[u.name]) for u in units if u.name in keeps])
+    slim = copy.deepcopy(model)
+    for u in find_units(slim, input_size).units:
+        if u.name in keeps:
+            slim_unit(slim, u, keeps[u.name])
+    x = torch.randn(2, 3, input_size, input_size)
+    with torch.no_grad():
+        want, got = masked(x), slim(x)
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max())), slim

@@ -10,9 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
+from conftest import slim_vs_masked
 from gslim.compress.omp import Stats, greedy_select, refit
 from gslim.compress.select import compress_model
-from gslim.compress.slim import masked_copy, slim_unit
 from gslim.compress.units import find_units
 from gslim.errors import GslimError
 from gslim.models import ModelSpec, count_macs_params, load_model, save_checkpoint
@@ -41,14 +41,9 @@ def test_slimmed_equals_masked(arch):
     assert "internal" in kinds and "residual" in kinds
     g = torch.Generator().manual_seed(1)
     keeps = {u.name: torch.randperm(u.width, generator=g)[: max(1, u.width // 3)] for u in graph.units}
-    masked = masked_copy(model, [(u, keeps[u.name]) for u in graph.units])
-    slim = copy.deepcopy(model)
-    for u in find_units(slim, 32).units:
-        slim_unit(slim, u, keeps[u.name])
+    diff, slim = slim_vs_masked(model, keeps)
     assert sum(p.numel() for p in slim.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert (slim(x) - masked(x)).abs().max() <= 1e-5
+    assert diff <= 1e-5
 
 
 def test_width_changing_grouped_convs_and_se_bottlenecks_are_left_alone_with_reasons():
@@ -173,7 +168,8 @@ def test_unreachable_budget_is_one_clear_error():
         )
 
 
-def test_greedy_loss_adds_the_channel_that_lowers_the_loss_most():
+@pytest.mark.parametrize("rescale", [True, False])
+def test_greedy_loss_adds_the_channel_that_lowers_the_loss_most(rescale):
     torch.manual_seed(0)
     model = _Block([2, 5, 11]).eval()
     x = torch.randn(48, 3, 12, 12)
@@ -186,14 +182,17 @@ def test_greedy_loss_adds_the_channel_that_lowers_the_loss_most():
         min_width=1,
         loss_batch=48,
         loss_candidates=16,
+        loss_rescale=rescale,
         bn_recalib=False,
     )
-    rep = next(u for u in compress_model(model, 12, x, y, cfg).units if u.name == "stem")
+    result = compress_model(model, 12, x, y, cfg)
+    rep = next(u for u in result.units if u.name == "stem")
 
     def loss_with(channels):  # brute force: mask the projection's input to the given channels
         m = copy.deepcopy(model)
         mask = torch.zeros(16)
-        mask[channels] = 1.0
+        # the published Frank-Wolfe step: n selected channels of N, each scaled by N/n
+        mask[channels] = 16 / len(channels) if rescale else 1.0
         with torch.no_grad():
             m.proj.weight.mul_(mask.view(1, -1, 1, 1))
             return float(nn.functional.cross_entropy(m(x), y))
@@ -203,6 +202,12 @@ def test_greedy_loss_adds_the_channel_that_lowers_the_loss_most():
         best = min(loss_with(chosen + [j]) for j in range(16) if j not in chosen)
         assert loss_with(rep.order[: step + 1]) == pytest.approx(best, rel=1e-5)
     assert loss_with(rep.order[:3]) < loss_with([0, 1, 3])
+    # the slim model computes what the scaled mask of its kept channels computes
+    kept = sorted(rep.order[: rep.kept])
+    scale = 16 / len(kept) if rescale else 1.0
+    torch.testing.assert_close(
+        result.model.proj.weight, model.proj.weight[:, kept] * scale, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_criteria_are_deterministic_under_a_seed():
@@ -309,3 +314,33 @@ def test_compressed_models_export_to_onnx_with_parity(arch, tmp_path):
     # (ResNet-50 reaches 2e-4 on logits of 2); the trained demo model passes at 1e-4
     result = onnx_parity(slim, onnx_path, x[:16], tolerance=1e-3)
     assert result["passed"] and result["top1_agreement"] == 1.0
+
+
+class _SplitsItsInput(nn.Module):
+    """A space read by a conv and also split in halves by ``chunk`` (ShuffleNet-V2's pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.conv3 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, self.conv2(b), self.conv3(x)], 1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_space_split_by_chunk_is_left_alone_with_its_reason():
+    # removing channels before a chunk moves the split point: the halves would change
+    model = _SplitsItsInput().eval()
+    graph = find_units(model, 16)
+    assert "conv1" not in [u.name for u in graph.units]
+    assert any("splits or reduces the channels" in r for _, r in graph.skipped)
+    x = torch.randn(32, 3, 16, 16)
+    r = compress_model(model, 16, x, None, CompressConfig(eps=0.5, bn_recalib=False))
+    with torch.no_grad():
+        assert r.model(x[:2]).shape == (2, 4)

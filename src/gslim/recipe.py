@@ -271,7 +271,10 @@ class CompressConfig(_Section):
     )
     loss_batch: int = Field(64, ge=1, description="greedy-loss: calibration images scoring each candidate")
     loss_candidates: Optional[int] = Field(
-        None, ge=1, description="greedy-loss: candidates scored per step (default: stochastic-greedy sample)"
+        50, ge=1, description="greedy-loss: candidates per step (null: n/k ln 100)"
+    )
+    loss_rescale: bool = Field(
+        True, description="greedy-loss: kept channels x width/kept (published); false: 0/1"
     )
     seed: Optional[int] = None
 

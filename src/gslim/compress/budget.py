@@ -26,14 +26,18 @@ from gslim.errors import GslimError
 @dataclass
 class _Layer:
     kind: str  # conv, dw, linear, bn
-    in_unit: Optional[str]
-    out_unit: Optional[str]
+    in_unit: tuple[str, ...]  # the units among its input channels (several on a concatenation)
+    out_unit: tuple[str, ...]
     cin: int
     cout: int
     groups: int
     kk: int
     spatial: int
     bias: bool
+
+
+def _one(unit: Optional[str]) -> tuple[str, ...]:
+    return (unit,) if unit is not None else ()
 
 
 class CostModel:
@@ -62,8 +66,8 @@ class CostModel:
                     self.layers.append(
                         _Layer(
                             "dw",
-                            carries[name],
-                            carries[name],
+                            tuple(carries[name]),
+                            tuple(carries[name]),
                             mod.in_channels,
                             mod.out_channels,
                             mod.groups,
@@ -76,8 +80,8 @@ class CostModel:
                     self.layers.append(
                         _Layer(
                             "conv",
-                            reads.get(name),
-                            writes.get(name),
+                            tuple(reads.get(name, ())),
+                            _one(writes.get(name)),
                             mod.in_channels,
                             mod.out_channels,
                             mod.groups,
@@ -90,8 +94,8 @@ class CostModel:
                 self.layers.append(
                     _Layer(
                         "linear",
-                        reads.get(name),
-                        writes.get(name),
+                        tuple(reads.get(name, ())),
+                        _one(writes.get(name)),
                         mod.in_features,
                         mod.out_features,
                         1,
@@ -102,7 +106,7 @@ class CostModel:
                     )
                 )
             elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                u = carries.get(name)
+                u = tuple(carries.get(name, ()))
                 self.layers.append(
                     _Layer("bn", u, u, mod.num_features, mod.num_features, 1, 1, spatial, True)
                 )
@@ -110,8 +114,9 @@ class CostModel:
         self.macs_offset = base_macs - self._macs(self.full)
         self.params_offset = base_params - self._params(self.full)
 
-    def _w(self, widths: dict[str, int], unit: Optional[str], default: int) -> int:
-        return widths.get(unit, default) if unit is not None else default
+    def _w(self, widths: dict[str, int], units: tuple[str, ...], full: int) -> int:
+        """The layer's width when its units have ``widths`` (the rest of its channels stay)."""
+        return full + sum(widths.get(u, self.full[u]) - self.full[u] for u in units)
 
     def _macs(self, widths: dict[str, int]) -> float:
         total = 0.0

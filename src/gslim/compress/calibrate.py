@@ -21,6 +21,7 @@ from torch import nn
 
 from gslim.compress.omp import Stats
 from gslim.compress.shard import SINGLE, ExactSum, Shard
+from gslim.compress.slim import column_offset
 from gslim.compress.units import Unit
 from gslim.errors import GslimError
 
@@ -169,6 +170,23 @@ def consumer_rows(mod: nn.Module, x: torch.Tensor, pick: Optional[torch.Tensor] 
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return _own(rows if pick is None else rows[pick.to(rows.device)], src)
+
+
+def unit_columns(
+    mod: nn.Module, unit: Unit, layer: str, model: nn.Module, X: torch.Tensor, Y: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The regression of ``unit``'s own columns when ``layer`` reads it inside a concatenation:
+    its columns of ``X``, and the target ``Y`` less what the other inputs of the concatenation
+    contribute through the layer's current weights (those columns are not this unit's to fit).
+    ``X`` and ``Y`` unchanged when the layer reads the unit alone."""
+    if layer not in unit.concat_before:
+        return X, Y
+    kk = kernel_group(mod)
+    off = column_offset(model, unit, layer)
+    mine = torch.zeros(X.shape[1], dtype=torch.bool, device=X.device)
+    mine[off * kk : (off + width) * kk] = True
+    w = mod.weight.detach().reshape(mod.weight.shape[0], -1)[:, ~mine.to(mod.weight.device)]
+    return X[:, mine], Y - X[:, ~mine] @ w.T.to(X.device, X.dtype)
 
 
 def row_count(mod: nn.Module, y: torch.Tensor) -> int:

@@ -4,10 +4,16 @@ produces, carries, reads or blocks it. :mod:`gslim.compress.units` turns the spa
 
 A tensor's channels are dim 1, or the last dim between a permute to channels-last and the
 permute back (ConvNeXt's blocks, whose Linears then act as 1x1 convs on every position).
+
+A concatenation along the channels (DenseNet, GoogLeNet's Inception blocks) is not a space of
+its own: it is the ordered list of its inputs' spaces (*segments*). A BatchNorm or a dense
+conv/Linear applied to it carries or reads every segment, at the column range where that
+segment sits (``views``), so slicing one input slices the matching range of each reader.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -137,6 +143,26 @@ def _numel(node: fx.Node) -> int:
     return n
 
 
+def _makes_tensors(node: fx.Node) -> bool:
+    """True for a value made of several tensors (``chunk``, ``split``) or a tensor of fewer than
+    two dims (a reduction over the channels): neither keeps a channel space whole."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)):
+        return any(hasattr(m, "shape") for m in meta)
+    return hasattr(meta, "shape") and len(meta.shape) < 2
+
+
+def _regroups_channels(in_shape, out_shape) -> bool:
+    """A view (N, C, ...) -> (N, g, C/g, ...): the channels regrouped (ShuffleNet's channel shuffle)."""
+    return (
+        bool(in_shape and out_shape)
+        and len(out_shape) == len(in_shape) + 1
+        and out_shape[0] == in_shape[0]
+        and out_shape[1] * out_shape[2] == in_shape[1]
+        and out_shape[1] > 1
+    )
+
+
 def _fn_name(node: fx.Node) -> str:
     t = node.target
     if node.op == "call_method":
@@ -159,11 +185,17 @@ class ChannelWalk:
         # each tensor's channel dimension: 1 (NCHW, the default) or -1 (channels last, between a
         # permute to NHWC and the permute back: the Linears there act as 1x1 convs)
         self.cdim: dict[str, int] = {}
+        # a concatenation along the channels: its segments' spaces, in order
+        self.segs: dict[str, list[int]] = {}
+        # (layer, segments) for each layer that carries or reads a concatenation
+        self.views: list[tuple[str, list[int]]] = []
 
     def block(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
             if arg.name in self.space_of:
                 self.sp.get(self.space_of[arg.name])["blocked"].append(reason)
+            for s in self.segs.get(arg.name, ()):
+                self.sp.get(s)["blocked"].append(reason)
 
     def new_space(
         self, node: fx.Node, width: int, role: Optional[str] = None, what: Optional[str] = None
@@ -182,6 +214,10 @@ class ChannelWalk:
             self.new_space(node, _channels(node) or 0, "blocked", "network input")
         elif node.op == "output":
             self.block(node, "network output")
+        elif node.op == "call_function" and _fn_name(node) in ("cat", "concat", "concatenate"):
+            self.visit_cat(node)
+        elif any(a.name in self.segs for a in node.all_input_nodes):
+            self.visit_concat_reader(node)
         elif node.op == "call_module":
             self.visit_module(node)
         elif node.op != "get_attr":
@@ -248,6 +284,9 @@ class ChannelWalk:
 
     def visit_function(self, node: fx.Node) -> None:
         name, first, last = _fn_name(node), self._first(node), self._first_cdim(node) == -1
+        if _makes_tensors(node):
+            self.block(node, f"{name} ({node.name}) splits or reduces the channels")
+            return
         c = _channels(node, -1 if last else 1)
         if c is None:  # sizes, shapes and other non-tensor values
             return
@@ -301,6 +340,9 @@ class ChannelWalk:
             self.space_of[node.name] = first
         elif name == "mean" and in_shape and out_shape and out_shape[:2] == in_shape[:2]:
             self.space_of[node.name] = first  # global average pooling written as x.mean([2, 3])
+        elif _regroups_channels(in_shape, out_shape):
+            self.block(node, f"{name} regroups the channels (a channel shuffle, {node.name})")
+            self.new_space(node, c, "blocked", f"output of {name}")
         else:
             self.block(node, f"{name} mixes channels with spatial positions ({node.name})")
             self.new_space(node, c, "blocked", f"output of {name}")
@@ -350,6 +392,83 @@ class ChannelWalk:
             self.space_of[node.name] = root
             return True
         return False
+
+    def visit_cat(self, node: fx.Node) -> None:
+        """A concatenation along the channels becomes the list of its inputs' spaces."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        shape = _shape(node)
+        parts: list[int] = []
+        ok = shape is not None and isinstance(tensors, (list, tuple)) and isinstance(dim, int)
+        ok = ok and dim % len(shape) == 1
+        for t in tensors if isinstance(tensors, (list, tuple)) else ():
+            if not isinstance(t, fx.Node):
+                ok = False
+            elif t.name in self.segs:
+                parts += self.segs[t.name]
+            elif t.name in self.space_of and self.cdim.get(t.name, 1) == 1:
+                parts.append(self.space_of[t.name])
+            else:
+                ok = False
+        if ok:
+            self.segs[node.name] = parts
+            return
+        self.block(node, f"cat ({node.name}) does not join channel maps along the channels")
+        self.new_space(node, _channels(node) or 0, "blocked", "output of cat")
+
+    def visit_concat_reader(self, node: fx.Node) -> None:
+        """A node that takes a concatenation: carried (BatchNorm, activations, pooling, a flatten
+        of a 1x1 map), read (a dense conv or a Linear on a flat input) or blocked."""
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        segs = self.segs.get(src.name) if src is not None else None
+        name = node.target if node.op == "call_module" else _fn_name(node)
+        if node.op == "call_module":
+            self.calls_per_module[node.target] = self.calls_per_module.get(node.target, 0) + 1
+            self.call_node[node.target] = node.name
+        # the concatenation is its only tensor input (sizes, as in a view's shape, may come too)
+        only_src = segs is not None and all(a is src or _shape(a) is None for a in node.all_input_nodes)
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        in_shape, out_shape = (_shape(src), _shape(node)) if src is not None else (None, None)
+        if node.op != "call_module" and not _makes_tensors(node) and _channels(node) is None:
+            return  # a size or shape query
+        if only_src and (
+            isinstance(mod, _PASSTHROUGH_MODULES) or (mod is None and name in _PASSTHROUGH_FUNCTIONS)
+        ):
+            self.segs[node.name] = segs
+        elif only_src and isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            for s in segs:
+                self.sp.get(s)["members"].append(node.target)
+            self.views.append((node.target, segs))
+            self.segs[node.name] = segs
+        elif only_src and (
+            (isinstance(mod, nn.Conv2d) and mod.groups == 1)
+            or (isinstance(mod, nn.Linear) and in_shape is not None and len(in_shape) == 2)
+        ):
+            for s in segs:
+                self.sp.get(s)["readers"].append(node.target)
+            self.views.append((node.target, segs))
+            self.new_space(node, _channels(node, -1 if isinstance(mod, nn.Linear) else 1) or 0, "producer")
+            if isinstance(mod, nn.Linear):
+                self.cdim[node.name] = -1
+        elif (
+            only_src
+            and mod is None
+            and name in ("flatten", "view", "reshape", "mean", "squeeze")
+            and in_shape
+            and out_shape
+            and out_shape[:2] == in_shape[:2]
+            and (name == "mean" or math.prod(in_shape[2:]) == 1)
+        ):
+            self.segs[node.name] = segs  # global pooling, or a flatten of a 1x1 map
+        elif only_src and _regroups_channels(in_shape, out_shape):
+            self.block(
+                node, f"{name} regroups the channels of a concatenation (a channel shuffle, {node.name})"
+            )
+            self.new_space(node, _channels(node) or 0, "blocked", f"output of {name}")
+        else:
+            self.block(node, f"{name} on a concatenation ({node.name}) is not supported")
+            if not _makes_tensors(node):
+                self.new_space(node, _channels(node) or 0, "blocked", f"output of {name}")
 
     def block_shared_modules(self) -> None:
         for target, n in self.calls_per_module.items():

@@ -25,6 +25,7 @@ from gslim.compress.calibrate import (
     row_fraction,
     split_segment,
     target_rows,
+    unit_columns,
     unit_span,
 )
 from gslim.compress.omp import (
@@ -39,7 +40,7 @@ from gslim.compress.omp import (
 )
 from gslim.compress.selection import PLANNING_FLOOR, Progress, UnitReport
 from gslim.compress.shard import SINGLE, Shard
-from gslim.compress.slim import slim_unit
+from gslim.compress.slim import column_offset, slim_unit
 from gslim.compress.units import Unit, UnitGraph
 from gslim.recipe import CompressConfig
 
@@ -75,15 +76,15 @@ def planning_curves(
     """
     mods = dict(original.named_modules())
     accs: dict[tuple[str, str], StatsAccumulator] = {}
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[tuple[str, str], torch.Tensor] = {}
     n_images = shard.images(batches)
     with Hooks() as hooks:
         for u in units:
             for c in u.consumers:
                 mod = mods[c]
 
-                def pre(m, args, c=c):
-                    captured[c] = args[0]
+                def pre(m, args, c=c, u=u):  # (a layer on a concatenation reads several units)
+                    captured[u.name, c] = args[0]
 
                 def post(m, args, out, c=c, u=u):
                     key = (u.name, c)
@@ -91,7 +92,10 @@ def planning_curves(
                         frac = row_fraction(m, out.shape, n_images, _max_rows(cfg, m, u.width))
                         accs[key] = StatsAccumulator(frac, gen, holdout=0.0, shard=shard)
                     # taken inside the hook: an in-place op after the consumer cannot reach it
-                    accs[key].add_sampled(m, captured.pop(c), out)
+                    sample = accs[key].draw(row_count(m, out))
+                    X = consumer_rows(m, captured.pop(key), sample.pick)
+                    X, Y = unit_columns(m, u, c, original, X, target_rows(m, out, sample.pick), u.width)
+                    accs[key].add(X, Y, sample.held)
 
                 hooks.pre(mod, pre)
                 hooks.post(mod, post)
@@ -159,7 +163,7 @@ class _Selection:
 
         def pre(m, args, c):
             sample, Y = pending.pop(c)
-            X = consumer_rows(m, args[0], sample.pick)
+            X, Y = unit_columns(m, u, c, self.work, consumer_rows(m, args[0], sample.pick), Y, u.width)
             if c in const:
                 X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
             accs[c].add(X, Y, sample.held)
@@ -248,7 +252,8 @@ class _SegmentWalk:
         self.keep: Optional[tuple[int, torch.Tensor]] = None  # the last unit's (width before, kept)
         # live values read by its consumers (in its channel space), with their channel dimension
         self.consumer_inputs: list[tuple[int, int]] = []
-        if self.last is not None:
+        if self.last is not None and not self.last.concat_before:
+            # (a unit read inside a concatenation: its consumers' inputs hold other units' channels)
             first = min(self.last.consumers, key=lambda c: graph.node_index[graph.consumer_node[c]])
             self.split = split_segment(wseg, first)
         if self.split is not None:
@@ -366,14 +371,14 @@ def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], N
             _refit_squeeze(sel, c, collected[c], keep, c in const)
         collected = _collect(sel, u, u.consumers, run)
         stats = [collected[c] for c in u.consumers]
-        fit_keep = list(range(len(keep)))
+        fit_keep, columns = list(range(len(keep))), len(keep)
     else:
         slim_unit(sel.work, u, keep, consumers=False)
-        fit_keep = keep
+        fit_keep, columns = keep, width
     report = UnitReport(
         u.name, u.kind, width, len(keep), [int(i) for i in order], consumers=list(u.consumers)
     )
-    _refit_consumers(sel, u, stats, keep, fit_keep, report)
+    _refit_consumers(sel, u, stats, keep, fit_keep, columns, report)
     for name in u.producers + u.gate_producers:
         prev = sel.kept_rows.get(name, torch.arange(width))
         sel.kept_rows[name] = prev[torch.as_tensor(keep, dtype=torch.long)]
@@ -386,47 +391,61 @@ def _is_pointwise(mod: nn.Module) -> bool:
     )
 
 
-def _regression_weights(mod: nn.Module, cols: list[int]) -> torch.Tensor:
-    """The layer's current weights for input channels ``cols`` in the regression layout
-    (channels*k*k x out), as :func:`consumer_rows` lays out the features."""
+def _regression_weights(mod: nn.Module, cols: list[int], off: int = 0) -> torch.Tensor:
+    """The layer's current weights for input channels ``cols`` (after ``off`` others) in the
+    regression layout (channels*k*k x out), as :func:`consumer_rows` lays out the features."""
     w = mod.weight.detach().double()
-    w = w[:, torch.as_tensor(cols, dtype=torch.long)]
+    w = w[:, off + torch.as_tensor(cols, dtype=torch.long)]
     return w.reshape(w.shape[0], -1).T
 
 
-def _install(mod: nn.Module, W: torch.Tensor, n_in: int) -> None:
+def _install(
+    mod: nn.Module, W: torch.Tensor, n_in: int, off: int = 0, replaced: Optional[int] = None
+) -> None:
+    """Weights ``W`` (regression layout) for ``n_in`` input channels; inside a concatenation
+    they replace the ``replaced`` channels from ``off`` and the other columns stay."""
+    old = mod.weight.detach()
+    block = W.T.reshape(W.shape[1], n_in, *old.shape[2:]).to(old.dtype)
+    if replaced is not None:
+        block = torch.cat([old[:, :off], block, old[:, off + replaced :]], 1)
     if isinstance(mod, nn.Linear):
-        w = W.T
-        mod.in_features = n_in
+        mod.in_features = block.shape[1]
     else:
-        kh, kw = mod.kernel_size
-        w = W.T.reshape(W.shape[1], n_in, kh, kw)
-        mod.in_channels = n_in
-    mod.weight = nn.Parameter(w.to(mod.weight.dtype).contiguous(), requires_grad=mod.weight.requires_grad)
+        mod.in_channels = block.shape[1]
+    mod.weight = nn.Parameter(block.contiguous(), requires_grad=mod.weight.requires_grad)
 
 
 def _refit_consumers(
-    sel: _Selection, u: Unit, stats: list[Stats], keep: list[int], fit_keep: list[int], report: UnitReport
+    sel: _Selection,
+    u: Unit,
+    stats: list[Stats],
+    keep: list[int],
+    fit_keep: list[int],
+    columns: int,
+    report: UnitReport,
 ) -> None:
     """Least-squares consumer weights on the fitted rows; kept only where they beat the
-    current weights (sliced) on the held-out rows."""
+    current weights (sliced) on the held-out rows. ``columns``: the unit's channels that the
+    consumers still read."""
     cfg = sel.cfg
     fit_num = held_num = fit_den = held_den = 0.0
     kinds = set()
     for c, st in zip(u.consumers, stats):
         mod = sel.wmods[c]
+        concat = c in u.concat_before
+        off = column_offset(sel.work, u, c) if concat else 0
         W, fit_err = refit(st, fit_keep, ridge=cfg.ridge)
         chosen, kind = W, "least-squares"
         held_err = None
         if st.held is not None:
             held_err = subset_error(st.held, fit_keep, W)
-            W0 = _regression_weights(mod, fit_keep)  # the consumer's weights, sliced
+            W0 = _regression_weights(mod, fit_keep, off)  # the consumer's weights, sliced
             held0 = subset_error(st.held, fit_keep, W0)
             if held0 < held_err:
                 chosen, kind, held_err = W0, "original", held0
                 fit_err = subset_error(st, fit_keep, W0)
         kinds.add(kind)
-        _install(mod, chosen, len(keep))
+        _install(mod, chosen, len(keep), off, columns if concat else None)
         unknowns = len(keep) * st.group
         if st.rows < MIN_ROWS_PER_UNKNOWN * unknowns:
             report.warnings.append(

@@ -1,5 +1,16 @@
 """The ``greedy-loss`` criterion (Ye et al., ICML 2020): add the channel that most lowers the
-network's loss on a calibration mini-batch."""
+network's loss on a calibration mini-batch.
+
+As in the paper and its code (github.com/lushleaf/Network-Pruning-Greedy-Forward-Selection,
+``models/mobilenet_v2.py`` ``Mask`` and ``mobile2_prune.py`` ``decide_candidate``): the layer's
+output is its width N times a convex combination of its neurons, grown by Frank-Wolfe steps of
+size 1/(n+1), so after n additions each selected channel is scaled by N/n (``loss_rescale``);
+each step scores 50 random candidates (``loss_candidates``) on a fresh random mini-batch and
+keeps the one with the lowest loss. What gslim keeps different, and why: the number of channels
+per unit comes from the budget (the same uniform widths as the other baselines, so that every
+method is compared at equal MACs) instead of growing each layer until a training-accuracy
+tolerance is met; and there is no fine-tune between layers (the same fine-tune follows every
+criterion)."""
 
 from __future__ import annotations
 
@@ -16,7 +27,7 @@ from gslim.compress.calibrate import (
 from gslim.compress.greedy import segments_for
 from gslim.compress.omp import channels_of
 from gslim.compress.selection import Progress, UnitReport
-from gslim.compress.slim import slim_unit
+from gslim.compress.slim import slim_unit, unit_range
 from gslim.compress.units import Unit, UnitGraph
 from gslim.errors import GslimError
 from gslim.recipe import CompressConfig
@@ -59,6 +70,8 @@ def run_greedy_loss(
                 if k < width:
                     order = _loss_forward_selection(u, k, act, labels, segs[s:], wmods, cfg, gen)
                     slim_unit(work, u, sorted(order))
+                    if cfg.loss_rescale:
+                        _scale_readers(work, u, width / len(order))
                 else:
                     order = list(range(width))
                 reports.append(
@@ -88,12 +101,16 @@ def _loss_forward_selection(
     selected: list[int] = []
     mask_state = {"masks": None}
 
-    def masked_input(m, args):
+    def masked_input(m, args, span: slice):
         masks = mask_state["masks"].repeat_interleave(a, dim=1)  # (n_cand, C)
         inp = args[0]
         nc = masks.shape[0]
+        if inp.shape[1] != C:  # the unit's range of a concatenation: the other channels stay
+            full = masks.new_ones(nc, inp.shape[1])
+            full[:, span] = masks
+            masks = full
         shaped = inp.view(nc, -1, *inp.shape[1:])
-        view = [nc, 1, C] + [1] * (inp.dim() - 2)
+        view = [nc, 1, inp.shape[1]] + [1] * (inp.dim() - 2)
         return (shaped * masks.view(view)).view_as(inp)
 
     sample = cfg.loss_candidates or max(1, math.ceil(n_groups / k * math.log(100.0)))
@@ -104,7 +121,8 @@ def _loss_forward_selection(
     x_all, y_all = x, y
     with Hooks() as hooks:
         for c in u.readers:
-            hooks.pre(wmods[c], masked_input)
+            span = unit_range(wmods[""], u, c)  # (named_modules: "" is the model)
+            hooks.pre(wmods[c], lambda m, args, span=span: masked_input(m, args, span))
         base = torch.zeros(n_groups, device=x.device)  # the masks multiply activations on their device
         while len(selected) < k:
             pick = torch.randperm(x_all.shape[0], generator=gen)[:batch]
@@ -113,9 +131,12 @@ def _loss_forward_selection(
             if sample < remaining.numel():
                 remaining = remaining[torch.randperm(remaining.numel(), generator=gen)[:sample]]
             best_j, best_loss = None, float("inf")
+            # the Frank-Wolfe step: n+1 selected groups, each at N/(n+1) (1 with 0/1 masks)
+            value = n_groups / (len(selected) + 1) if cfg.loss_rescale else 1.0
             for chunk in remaining.split(per_forward):
                 masks = base.repeat(chunk.numel(), 1)
                 masks[torch.arange(chunk.numel(), device=masks.device), chunk.to(masks.device)] = 1.0
+                masks *= value
                 mask_state["masks"] = masks
                 h = x.repeat(chunk.numel(), *[1] * (x.dim() - 1))
                 for seg in rest:
@@ -130,4 +151,8 @@ def _loss_forward_selection(
     return channels_of(selected, a)
 
 
-# ---------------------------------------------------------------------------------------
+def _scale_readers(work: nn.Module, u: Unit, scale: float) -> None:
+    """Fold the kept channels' scale into every layer that reads them (their input columns)."""
+    for c in u.readers:
+        mod = work.get_submodule(c)
+        mod.weight.data[:, unit_range(work, u, c)] *= scale

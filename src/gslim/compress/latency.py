@@ -36,6 +36,7 @@ from gslim.compress import latency_table
 from gslim.compress.budget import round_width, unit_round_to
 from gslim.compress.latency_table import ONNX_BACKENDS, LatencySettings, LatencyTable, LayerShape
 from gslim.compress.units import Unit, UnitGraph, layer_roles, shaped
+from gslim.errors import GslimError
 
 # ----------------------------------------------------------------------------- the model's layers
 
@@ -64,7 +65,17 @@ class _Layer:
 
 def model_layers(graph: UnitGraph, units: list[Unit], input_size: int) -> list[_Layer]:
     """Every conv/linear layer that reads, writes or carries a unit's channels, with its shape."""
-    reads, writes, carries = layer_roles(units)
+    reads_all, writes, carries_all = layer_roles(units)
+    several = sorted(m for m, us in (reads_all | carries_all).items() if len(us) > 1)
+    if several:
+        # a layer on a concatenation reads several units: one width per axis of its cost grid
+        # is all the table models today
+        raise GslimError(
+            f"latency budgets do not support layers that read concatenated units yet ({several[0]}, "
+            f"{len(several)} layers): use a MACs or params budget (--target-macs) for this model"
+        )
+    reads = {m: us[0] for m, us in reads_all.items()}
+    carries = {m: us[0] for m, us in carries_all.items()}
     gm = shaped(graph, input_size)
     mods = dict(gm.named_modules())
     layers = []

@@ -10,7 +10,7 @@ from torch import nn
 
 from gslim.compress.omp import channels_of
 from gslim.compress.selection import SelectionRun, UnitReport
-from gslim.compress.slim import slim_unit
+from gslim.compress.slim import slim_unit, unit_range
 from gslim.compress.units import Unit
 
 # ranking baselines
@@ -34,7 +34,7 @@ def bn_scores(work: nn.Module, u: Unit, gen: torch.Generator) -> torch.Tensor:
     if not bns:  # e.g. a classifier's hidden Linear: no BN scale exists, rank by magnitude
         return l1_scores(work, u, gen)
     for m in bns:
-        total += work.get_submodule(m).weight.detach().abs()
+        total += work.get_submodule(m).weight.detach()[unit_range(work, u, m)].abs()
     return total
 
 

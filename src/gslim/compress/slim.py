@@ -71,6 +71,39 @@ def _cut_member(mod: nn.Module, idx: torch.Tensor) -> None:
         raise GslimError(f"cannot slim channels of {type(mod).__name__}")
 
 
+def _out_width(mod: nn.Module) -> int:
+    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)
+
+
+def _in_width(mod: nn.Module) -> int:
+    if isinstance(mod, nn.Linear):
+        return int(mod.in_features)
+    if isinstance(mod, nn.Conv2d):
+        return int(mod.in_channels)
+    return int(mod.num_features)
+
+
+def column_offset(model: nn.Module, unit: Unit, layer: str) -> int:
+    """Where ``unit``'s channels start in ``layer``'s input (0 unless it reads a concatenation):
+    the current widths of what precedes the unit there."""
+    before = unit.concat_before.get(layer, ())
+    return sum(b if isinstance(b, int) else _out_width(model.get_submodule(b)) for b in before)
+
+
+def unit_range(model: nn.Module, unit: Unit, layer: str) -> slice:
+    """``unit``'s channels among ``layer``'s input (or a BatchNorm's features)."""
+    off = column_offset(model, unit, layer)
+    return slice(off, off + unit.width)
+
+
+def layer_columns(model: nn.Module, unit: Unit, layer: str, idx: torch.Tensor) -> torch.Tensor:
+    """``layer``'s input channels that remain when ``unit`` keeps ``idx`` of its current width."""
+    if layer not in unit.concat_before:
+        return idx
+    off, total = column_offset(model, unit, layer), _in_width(model.get_submodule(layer))
+    return torch.cat([torch.arange(off), off + idx, torch.arange(off + unit.width, total)])
+
+
 def slim_unit(model: nn.Module, unit: Unit, keep: torch.Tensor | list[int], consumers: bool = True) -> None:
     """Keep only channels ``keep`` (indices into the unit's current width) of ``unit``.
 
@@ -80,12 +113,15 @@ def slim_unit(model: nn.Module, unit: Unit, keep: torch.Tensor | list[int], cons
     idx = torch.as_tensor(keep, dtype=torch.long).sort().values
     if idx.numel() == 0:
         raise GslimError(f"unit {unit.name}: cannot keep zero channels")
+    readers = unit.inner_readers + (unit.consumers if consumers else [])
+    # column ranges first: they depend on the widths before this unit's producers are cut
+    cols = {name: layer_columns(model, unit, name, idx) for name in unit.members + readers}
     for name in unit.producers + unit.gate_producers:
         _cut_outputs(model.get_submodule(name), idx)
     for name in unit.members:
-        _cut_member(model.get_submodule(name), idx)
-    for name in unit.inner_readers + (unit.consumers if consumers else []):
-        _cut_inputs(model.get_submodule(name), idx)
+        _cut_member(model.get_submodule(name), cols[name])
+    for name in readers:
+        _cut_inputs(model.get_submodule(name), cols[name])
     unit.width = int(idx.numel())
 
 
@@ -104,7 +140,8 @@ def masked_copy(model: nn.Module, keeps: list[tuple[Unit, list[int] | torch.Tens
             drop = torch.tensor([i for i in range(unit.width) if i not in keep_set], dtype=torch.long)
             if drop.numel():
                 for name in unit.readers:
-                    masked.get_submodule(name).weight.index_fill_(1, drop, 0.0)
+                    at = drop + column_offset(masked, unit, name)
+                    masked.get_submodule(name).weight.index_fill_(1, at, 0.0)
     return masked
 
 

@@ -26,10 +26,16 @@ conv) are sliced but not re-fitted.
 Between a permute to channels-last and the permute back (ConvNeXt's blocks) the channels
 are the last dim and a Linear is a 1x1 conv: its hidden width is a unit like any other.
 
+A concatenation along the channels (DenseNet's dense connections, GoogLeNet's Inception
+branches) keeps each input's space: a BatchNorm or conv on the concatenation carries or reads
+every input at its column range (``Unit.concat_before``), so each input is a unit of its own.
+
 Spaces are left alone, with a reason, when they touch the network input or output, a
 grouped conv that changes the width, a LayerNorm over the channels (it normalises across
 them: removing one changes the others), a per-channel parameter such as a layer scale, a
-concat, a flatten of a spatial map, or any op this analysis does not understand. Detection
+channel split (``chunk``) or shuffle (ShuffleNet: a kept channel would have to be kept in
+pairs across every later block), a flatten of a spatial map, or any op this analysis does
+not understand. Detection
 is by graph structure, not by class names, so EfficientNet, MnasNet, RegNet, ResNeXt and
 ConvNeXt get the same treatment as MobileNet and ResNet.
 """
@@ -63,6 +69,10 @@ class Unit:
     # channels kept or dropped together: a grouped conv that carries the unit (in == out
     # channels, ``groups`` > 1) stays a valid grouped conv only when whole groups go
     atom: int = 1
+    # layers that carry or read the unit inside a concatenation -> what precedes it there: a
+    # unit's producer (its current output width counts) or a fixed width. The unit's columns
+    # start where those end.
+    concat_before: dict[str, list] = field(default_factory=dict)
 
     @property
     def readers(self) -> list[str]:
@@ -110,12 +120,20 @@ def _collect_units(walk: ChannelWalk, include_residual: bool) -> UnitGraph:
     """The units (and the spaces left alone, with why) of a finished walk."""
     sp, units, skipped = walk.sp, [], []
     all_gates = {g for info in sp.info for g in info["gate_producers"]}
-    for r in sorted({sp.find(s) for s in walk.space_of.values()}):
+    for layer, segs in walk.views:  # a space twice in one concatenation: two ranges to keep in step
+        roots = [sp.find(s) for s in segs]
+        for r in {r for r in roots if roots.count(r) > 1}:
+            sp.info[r]["blocked"].append(f"{layer} reads it twice through one concatenation")
+    spaces = {sp.find(s) for s in walk.space_of.values()} | {sp.find(s) for _, v in walk.views for s in v}
+    by_root: dict[int, Unit] = {}
+    for r in sorted(spaces):
         info = sp.info[r]
         producers = _dedupe(info["producers"])
         desc = f"{sp.width[r]} channels produced by {', '.join(producers) or 'the input'}"
         if info["blocked"]:
-            skipped.append((desc, info["blocked"][0]))
+            # listed where someone could have removed channels: a layer makes them, or the input
+            if producers or info["gate_producers"] or "network input" in info["blocked"]:
+                skipped.append((desc, info["blocked"][0]))
             continue
         if not producers or not info["readers"]:
             continue
@@ -133,21 +151,26 @@ def _collect_units(walk: ChannelWalk, include_residual: bool) -> UnitGraph:
         if residual and not include_residual:
             skipped.append((desc, "residual-coupled stage width (enable prune_residual to select it)"))
             continue
-        units.append(
-            Unit(
-                name=producers[0] if not residual else f"stream:{producers[0]}",
-                kind="residual" if residual else "internal",
-                width=sp.width[r],
-                producers=producers,
-                gate_producers=_dedupe(info["gate_producers"]),
-                members=_dedupe(info["members"]),
-                consumers=consumers,
-                inner_readers=inner,
-                order=min(walk.node_index[walk.call_node[cn]] for cn in consumers),
-                atom=math.lcm(1, *info["atoms"]),
-            )
+        by_root[r] = Unit(
+            name=producers[0] if not residual else f"stream:{producers[0]}",
+            kind="residual" if residual else "internal",
+            width=sp.width[r],
+            producers=producers,
+            gate_producers=_dedupe(info["gate_producers"]),
+            members=_dedupe(info["members"]),
+            consumers=consumers,
+            inner_readers=inner,
+            order=min(walk.node_index[walk.call_node[cn]] for cn in consumers),
+            atom=math.lcm(1, *info["atoms"]),
         )
-    units.sort(key=lambda u: u.order)
+    for layer, segs in walk.views:
+        roots = [sp.find(s) for s in segs]
+        for i, r in enumerate(roots):
+            if r in by_root:
+                by_root[r].concat_before[layer] = [
+                    by_root[q].producers[0] if q in by_root else sp.width[q] for q in roots[:i]
+                ]
+    units = sorted(by_root.values(), key=lambda u: u.order)
     return UnitGraph(
         units=units,
         skipped=skipped,
@@ -177,17 +200,20 @@ def _dedupe(items: list[str]) -> list[str]:
     return list(seen)
 
 
-def layer_roles(units: list[Unit]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """module name -> unit name for the layers that read, write (produce or gate) and carry
-    (batchnorm, depthwise) each unit's channels: what a cost model needs to price widths."""
-    reads, writes, carries = {}, {}, {}
+def layer_roles(units: list[Unit]) -> tuple[dict[str, list[str]], dict[str, str], dict[str, list[str]]]:
+    """What a cost model needs to price widths: module name -> the units whose channels it reads
+    (several for a layer on a concatenation), writes (produces or gates: one) and carries
+    (batchnorm, depthwise: several on a concatenation)."""
+    reads: dict[str, list[str]] = {}
+    writes: dict[str, str] = {}
+    carries: dict[str, list[str]] = {}
     for u in units:
         for m in u.readers:
-            reads[m] = u.name
+            reads.setdefault(m, []).append(u.name)
         for m in u.producers + u.gate_producers:
             writes[m] = u.name
         for m in u.members:
-            carries[m] = u.name
+            carries.setdefault(m, []).append(u.name)
     return reads, writes, carries
 
 
