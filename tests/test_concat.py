@@ -4,6 +4,8 @@ sliced at its column range in every reader; what cannot be sliced is left alone 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -14,7 +16,6 @@ from conftest import slim_vs_masked
 from gslim.compress.latency import model_layers
 from gslim.compress.select import compress_model
 from gslim.compress.units import find_units
-from gslim.errors import GslimError
 from gslim.models import ModelSpec, count_macs_params, load_model, save_checkpoint
 from gslim.recipe import CompressConfig
 
@@ -72,11 +73,49 @@ def test_shufflenet_leaves_only_its_shuffled_branch_outputs_whole():
     assert slim_vs_masked(model, keeps)[0] <= 1e-5
 
 
-def test_a_latency_budget_refuses_layers_on_concatenated_units_with_one_line():
+def test_the_latency_model_prices_layers_that_read_several_units(tmp_path, monkeypatch):
+    """A conv on a concatenation reads several units: its timed axis is its total input width."""
+    from gslim.compress.latency import LatencyModel
+    from gslim.compress.latency_table import LatencySettings, LatencyTable
+    from gslim.compress.slim import slim_unit
+    from test_latency import _mac_timer
+
+    _mac_timer(monkeypatch)  # layer and model times proportional to MACs
     model = _tiny_densenet()
     graph = find_units(model, 32)
-    with pytest.raises(GslimError, match="concatenated units.*--target-macs"):
-        model_layers(graph, graph.units, 32)
+    layers = model_layers(graph, graph.units, 32)
+    several = [ly for ly in layers if len(ly.in_units) > 1]
+    assert several and all(ly.axes()[0] == "in" for ly in several)
+    settings = LatencySettings(backend="ort-cpu", threads=1)
+    table = LatencyTable.open(settings, tmp_path / "table.json")
+    lm = LatencyModel.build(model, graph, graph.units, 32, settings, table, round_to=2, min_width=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        widths = {u.name: 2 * int(torch.randint(1, u.width // 2 + 1, (1,), generator=g)) for u in graph.units}
+        slim = copy.deepcopy(model)
+        for u in find_units(slim, 32).units:
+            slim_unit(slim, u, torch.arange(widths[u.name]))
+        # the timer is 1e-6 ms per conv/Linear MAC: the predicted saving is the MACs saved, exactly
+        saved = 1e-6 * (_conv_linear_macs(slim) - _conv_linear_macs(model))
+        assert saved < 0 and lm.predict(widths) - lm.full_ms == pytest.approx(saved, rel=1e-6)
+
+
+def _conv_linear_macs(model: nn.Module) -> int:
+    total = 0
+
+    def count(mod, args, out):
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            total += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            total += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    return total
 
 
 def test_concat_models_meet_a_budget_and_greedy_refits_each_segment(tmp_path):

@@ -4,9 +4,11 @@ Granularity: one entry per *layer shape* (HALP's lookup table, Shen et al. NeurI
 convolution or linear layer whose input or output channels belong to a unit is timed in
 isolation on the chosen backend (exported through gslim's ONNX path for the ONNX backends,
 timed with the profiler's warm-up and interleaved rounds, median of the samples) at a grid of
-widths of the unit(s) it depends on: a 1-D grid when one unit sets its shape (MobileNet's
-expand/depthwise/project convs, ResNet basic blocks) and a coarse 2-D grid when two do (a
-ResNet-50 bottleneck's middle conv). Between grid points the time is interpolated linearly.
+widths of the unit(s) it depends on: a 1-D grid when one width sets its shape (MobileNet's
+expand/depthwise/project convs, ResNet basic blocks) and a coarse 2-D grid when its input and
+output both vary (a ResNet-50 bottleneck's middle conv). A layer on a concatenation reads
+several units: its input axis is their total width (DenseNet, GoogLeNet). Between grid points
+the time is interpolated linearly.
 
 The whole network is predicted *anchored* at its measured latency:
 
@@ -36,46 +38,73 @@ from gslim.compress import latency_table
 from gslim.compress.budget import round_width, unit_round_to
 from gslim.compress.latency_table import ONNX_BACKENDS, LatencySettings, LatencyTable, LayerShape
 from gslim.compress.units import Unit, UnitGraph, layer_roles, shaped
-from gslim.errors import GslimError
 
 # ----------------------------------------------------------------------------- the model's layers
 
 
 @dataclass
 class _Layer:
-    """A layer whose shape depends on unit widths."""
+    """A layer whose shape depends on unit widths: its input width is the sum of the units it
+    reads (several on a concatenation, plus the channels no unit owns), its output width its
+    output unit's. Those are its *axes*: one 1-D curve or one 2-D surface is timed over them."""
 
     name: str
     shape: LayerShape  # at full widths
-    in_unit: Optional[str]
+    in_units: tuple[str, ...]
     out_unit: Optional[str]
     depthwise: bool
+    in_full: tuple[int, ...] = ()  # the full widths of ``in_units``
 
-    def units(self) -> list[str]:
-        return list(dict.fromkeys(u for u in (self.in_unit, self.out_unit) if u is not None))
+    @property
+    def in_unit(self) -> Optional[str]:
+        return self.in_units[0] if len(self.in_units) == 1 else None
+
+    def axes(self) -> list[str]:
+        """'in' and/or 'out': the widths its shape depends on (one for a carried depthwise)."""
+        out = ["in"] if self.in_units else []
+        if self.out_unit is not None and (self.out_unit,) != self.in_units:
+            out.append("out")
+        return out
+
+    def value(self, axis: str, widths: dict[str, int]) -> int:
+        """The layer's input (``axis`` 'in') or output width for these unit widths."""
+        s = self.shape
+        if axis == "out":
+            return widths.get(self.out_unit, s.cout) if self.out_unit else s.cout
+        return s.cin + sum(widths.get(u, f) - f for u, f in zip(self.in_units, self.in_full))
+
+    def grid(self, axis: str, grids: dict[str, list[int]]) -> list[int]:
+        """The widths of ``axis`` to time: the unit's grid, or for a sum of units evenly spaced
+        totals from all of them at their smallest to all at full."""
+        if axis == "out":
+            return grids[self.out_unit]
+        if len(self.in_units) == 1:
+            return [self.shape.cin - self.in_full[0] + w for w in grids[self.in_units[0]]]
+        lo = self.shape.cin - sum(f - grids[u][0] for u, f in zip(self.in_units, self.in_full))
+        points = max(len(grids[u]) for u in self.in_units)
+        hi = self.shape.cin
+        return sorted({int(round(lo + (hi - lo) * i / max(1, points - 1))) for i in range(points)})
 
     def at(self, widths: dict[str, int]) -> LayerShape:
+        return self.shape_at(self.value("in", widths), self.value("out", widths))
+
+    def shape_at(self, cin: int, cout: int) -> LayerShape:
         s = self.shape
-        cin = widths.get(self.in_unit, s.cin) if self.in_unit else s.cin
-        cout = widths.get(self.out_unit, s.cout) if self.out_unit else s.cout
-        # depthwise or grouped carrying a unit: the group width stays, whole groups go
-        groups = cout // (s.cin // s.groups) if self.depthwise else s.groups
+        groups = s.groups
+        if self.depthwise:  # carrying a unit (in == out): the group width stays, whole groups go
+            cout, groups = cin, cin // (s.cin // s.groups)
         return LayerShape(s.op, cin, cout, groups, s.kernel, s.stride, s.padding, s.dilation, s.hw, s.bias)
+
+    def at_axes(self, values: dict[str, int]) -> LayerShape:
+        cin = values.get("in", self.shape.cin)
+        cout = values.get("out", cin if self.depthwise else self.shape.cout)
+        return self.shape_at(cin, cout)
 
 
 def model_layers(graph: UnitGraph, units: list[Unit], input_size: int) -> list[_Layer]:
     """Every conv/linear layer that reads, writes or carries a unit's channels, with its shape."""
-    reads_all, writes, carries_all = layer_roles(units)
-    several = sorted(m for m, us in (reads_all | carries_all).items() if len(us) > 1)
-    if several:
-        # a layer on a concatenation reads several units: one width per axis of its cost grid
-        # is all the table models today
-        raise GslimError(
-            f"latency budgets do not support layers that read concatenated units yet ({several[0]}, "
-            f"{len(several)} layers): use a MACs or params budget (--target-macs) for this model"
-        )
-    reads = {m: us[0] for m, us in reads_all.items()}
-    carries = {m: us[0] for m, us in carries_all.items()}
+    reads, writes, carries = layer_roles(units)
+    full = {u.name: u.width for u in units}
     gm = shaped(graph, input_size)
     mods = dict(gm.named_modules())
     layers = []
@@ -101,20 +130,15 @@ def model_layers(graph: UnitGraph, units: list[Unit], input_size: int) -> list[_
                 mod.bias is not None,
             )
             depthwise = name in carries
-            layers.append(
-                _Layer(
-                    name,
-                    shape,
-                    carries.get(name, reads.get(name)),
-                    carries.get(name, writes.get(name)),
-                    depthwise,
-                )
-            )
+            ins = tuple(carries[name] if depthwise else reads.get(name, ()))
+            out = carries[name][0] if depthwise else writes.get(name)
+            layers.append(_Layer(name, shape, ins, out, depthwise, tuple(full[u] for u in ins)))
         elif isinstance(mod, nn.Linear):
             # on a channels-last map (N, H, W, C) the Linear runs at every position
             hw = (int(in_shape[1]), int(in_shape[2])) if len(in_shape) == 4 else (1, 1)
             shape = LayerShape("linear", mod.in_features, mod.out_features, hw=hw, bias=mod.bias is not None)
-            layers.append(_Layer(name, shape, reads.get(name), writes.get(name), False))
+            ins = tuple(reads.get(name, ()))
+            layers.append(_Layer(name, shape, ins, writes.get(name), False, tuple(full[u] for u in ins)))
     return layers
 
 
@@ -159,14 +183,14 @@ class LatencyModel:
         # each layer's measured curve (1-D) or surface (2-D), looked up once
         self._curves = []
         for ly in layers:
-            us = ly.units()
-            if len(us) == 1:
-                xs = grids[us[0]]
-                self._curves.append((us, (xs,), [table.lookup(ly.at({**full, us[0]: x})) for x in xs]))
+            axes = ly.axes()
+            if len(axes) == 1:
+                xs = ly.grid(axes[0], grids)
+                self._curves.append((axes, (xs,), [table.lookup(ly.at_axes({axes[0]: x})) for x in xs]))
             else:
-                xa, xb = coarse_grid(grids[us[0]]), coarse_grid(grids[us[1]])
-                ys = [[table.lookup(ly.at({**full, us[0]: va, us[1]: vb})) for vb in xb] for va in xa]
-                self._curves.append((us, (xa, xb), ys))
+                xa, xb = coarse_grid(ly.grid("in", grids)), coarse_grid(ly.grid("out", grids))
+                ys = [[table.lookup(ly.at_axes({"in": va, "out": vb})) for vb in xb] for va in xa]
+                self._curves.append((axes, (xa, xb), ys))
         self._full_layer_ms = [self._layer_ms(i, full) for i in range(len(layers))]
 
     @classmethod
@@ -191,19 +215,18 @@ class LatencyModel:
             u.name: width_grid(u.width, settings.grid, unit_round_to(round_to, u.atom), min_width)
             for u in units
         }
-        table.measure(list(_grid_shapes(layers, full, grids)), settings, progress)
+        table.measure(list(_grid_shapes(layers, grids)), settings, progress)
         if full_ms is None:
             full_ms = latency_table.measure_model(model, input_size, settings, table)
         return cls(layers, full, grids, table, full_ms)
 
     def _layer_ms(self, i: int, widths: dict[str, int]) -> float:
-        us, axes, ys = self._curves[i]
-        if len(us) == 1:
-            return _interp(axes[0], ys, widths.get(us[0], self.full[us[0]]))
-        xb = widths.get(us[1], self.full[us[1]])
-        return _interp(
-            axes[0], [_interp(axes[1], row, xb) for row in ys], widths.get(us[0], self.full[us[0]])
-        )
+        names, axes, ys = self._curves[i]
+        ly = self.layers[i]
+        if len(names) == 1:
+            return _interp(axes[0], ys, ly.value(names[0], widths))
+        xb = ly.value("out", widths)
+        return _interp(axes[0], [_interp(axes[1], row, xb) for row in ys], ly.value("in", widths))
 
     def delta(self, widths: dict[str, int]) -> float:
         """Isolated-layer milliseconds these widths save (negative) against the full model."""
@@ -266,7 +289,7 @@ class LatencyModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "granularity": "layer shape (1-D grid per unit, 2-D where two units meet)",
+            "granularity": "layer shape (1-D grid per layer width, 2-D where its input and output both vary)",
             "table": str(self.table.path),
             "context": self.table.context,
             "layers": len(self.layers),
@@ -283,16 +306,16 @@ def coarse_grid(g: list[int]) -> list[int]:
     return g if len(g) <= 4 else sorted({g[0], g[len(g) // 3], g[2 * len(g) // 3], g[-1]})
 
 
-def _grid_shapes(layers: list[_Layer], full: dict[str, int], grids: dict[str, list[int]]):
+def _grid_shapes(layers: list[_Layer], grids: dict[str, list[int]]):
     for ly in layers:
-        us = ly.units()
-        if len(us) == 1:
-            for x in grids[us[0]]:
-                yield ly.at({**full, us[0]: x})
+        axes = ly.axes()
+        if len(axes) == 1:
+            for x in ly.grid(axes[0], grids):
+                yield ly.at_axes({axes[0]: x})
         else:
-            for va in coarse_grid(grids[us[0]]):
-                for vb in coarse_grid(grids[us[1]]):
-                    yield ly.at({**full, us[0]: va, us[1]: vb})
+            for va in coarse_grid(ly.grid("in", grids)):
+                for vb in coarse_grid(ly.grid("out", grids)):
+                    yield ly.at_axes({"in": va, "out": vb})
 
 
 @dataclass
