@@ -11,9 +11,9 @@ Criteria (one interface, same units, same surgery):
 * ``greedy-loss`` — greedy forward selection (Ye et al., ICML 2020): add the channel
   that most lowers the network's loss on a calibration mini-batch. The block input is
   cached, only the rest of the network runs, and candidates are scored many per forward.
-  Each step scores a random sample of the remaining candidates ("stochastic greedy",
-  Mirzasoleiman et al., AAAI 2015: size (C/k) ln(1/delta) keeps the (1 - 1/e - delta)
-  guarantee in expectation) unless ``loss_candidates`` asks for all of them.
+  As published, each step scores 50 random candidates (``loss_candidates``; null: a
+  "stochastic greedy" sample of (C/k) ln(1/delta), Mirzasoleiman et al., AAAI 2015) with
+  the selected channels scaled by N/|S|, the paper's Frank-Wolfe step (``loss_rescale``).
 * ``l1`` (filter magnitude), ``bn`` (BatchNorm |gamma|), ``random`` and ``uniform`` (keep
   the first channels, i.e. a narrower network) — baselines without re-fitting.
 
