@@ -34,10 +34,10 @@ Spaces are left alone, with a reason, when they touch the network input or outpu
 grouped conv that changes the width, a LayerNorm over the channels (it normalises across
 them: removing one changes the others), a per-channel parameter such as a layer scale, a
 channel split (``chunk``) or shuffle (ShuffleNet: the kept set of a block output would be
-dictated by nested split-and-interleave constraints through the stage, not free to choose), a flatten of a spatial map, or any op this analysis does
-not understand. Detection
-is by graph structure, not by class names, so EfficientNet, MnasNet, RegNet, ResNeXt and
-ConvNeXt get the same treatment as MobileNet and ResNet.
+dictated by nested split-and-interleave constraints through the stage, not free to choose), a
+flatten of a spatial map, or any op this analysis does not understand. Detection is by graph
+structure, not by class names, so EfficientNet, MnasNet, RegNet, ResNeXt, ConvNeXt, DenseNet
+and GoogLeNet get the same treatment as MobileNet and ResNet.
 """
 
 from __future__ import annotations
