@@ -159,3 +159,31 @@ def test_full_size_concat_models_meet_half_the_macs_and_load_back_exactly(arch, 
     slim, _ = load_model(path)  # the concatenated widths come back from the checkpoint's shapes
     with torch.no_grad():
         assert torch.equal(slim(x[:4]), r.model.eval()(x[:4]))
+
+
+class _OddConcats(nn.Module):
+    """One space concatenated with itself, another joined along the batch: neither can be sliced
+    as an independent input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(3, 8, 1)
+        self.mix = nn.Conv2d(24, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        twice = torch.cat([a, a, self.c(x)], 1)  # a's channels appear at two column ranges
+        b = torch.relu(self.b(x))
+        batch = torch.cat([b, b], 0)[: x.shape[0]]  # a cat along the batch, not the channels
+        return self.fc((self.mix(twice) + batch).mean((2, 3)))
+
+
+def test_a_space_read_twice_or_joined_along_the_batch_is_left_alone():
+    graph = find_units(_OddConcats().eval(), 16)
+    reasons = dict((desc.split(" produced by ")[1], r) for desc, r in graph.skipped)
+    assert "reads it twice through one concatenation" in reasons["a"]
+    assert "does not join channel maps along the channels" in reasons["b"]
+    assert "c" in [u.name for u in graph.units]  # the other input of the concatenation is a unit
