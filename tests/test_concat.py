@@ -40,13 +40,14 @@ def _tiny_densenet() -> nn.Module:
     )
 
 
-def _tiny_googlenet() -> nn.Module:
+def _googlenet() -> nn.Module:
+    """torchvision's GoogLeNet at full width (Inception concatenations of four branches)."""
     torch.manual_seed(0)
     model = torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=True)
     return _random_bn(model)
 
 
-@pytest.mark.parametrize("build", [_tiny_densenet, _tiny_googlenet], ids=["densenet", "googlenet"])
+@pytest.mark.parametrize("build", [_tiny_densenet, _googlenet], ids=["densenet", "googlenet"])
 def test_concatenated_spaces_are_units_and_slim_equals_masked(build):
     model = build()
     graph = find_units(model, 32)
