@@ -128,7 +128,9 @@ def test_latency_layers_price_grouped_convs_and_channels_last_linears():
 
     graph = find_units(torchvision.models.get_model("regnet_x_400mf", num_classes=10), 32)
     u = next(u for u in graph.units if u.atom > 1)
-    grouped = next(ly for ly in model_layers(graph, graph.units, 32) if ly.depthwise and ly.in_unit == u.name)
+    grouped = next(
+        ly for ly in model_layers(graph, graph.units, 32) if ly.depthwise and ly.in_units == (u.name,)
+    )
     s = grouped.at({u.name: u.width // 2})
     assert s.cin == s.cout == u.width // 2 and s.groups == u.width // 2 // u.atom
     assert s.module()(torch.randn(1, s.cin, *s.hw)).shape[1] == u.width // 2

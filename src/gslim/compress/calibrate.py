@@ -287,11 +287,6 @@ class StatsAccumulator:
         self.fit.add(X[~held], Y[~held])
         self.held.add(X[held], Y[held])
 
-    def add_sampled(self, mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Sample the rows of a batch (``x`` the consumer's input, ``y`` its output), then add them."""
-        sample = self.draw(row_count(mod, y))
-        self.add(consumer_rows(mod, x, sample.pick), target_rows(mod, y, sample.pick), sample.held)
-
     def result(self, group: int) -> Stats:
         if self.fit.G is None:
             raise GslimError("no calibration data reached a consumer (is the calibration set empty?)")

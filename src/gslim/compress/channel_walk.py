@@ -234,10 +234,14 @@ class ChannelWalk:
             self.space_of.get(node.args[0].name) if node.args and isinstance(node.args[0], fx.Node) else None
         )
 
-    def visit_module(self, node: fx.Node) -> None:
-        mod, first, sp = self.modules[node.target], self._first(node), self.sp
+    def count_call(self, node: fx.Node) -> None:
+        """Record a module's call (a module called twice is blocked: both sites would need to agree)."""
         self.calls_per_module[node.target] = self.calls_per_module.get(node.target, 0) + 1
         self.call_node[node.target] = node.name
+
+    def visit_module(self, node: fx.Node) -> None:
+        mod, first, sp = self.modules[node.target], self._first(node), self.sp
+        self.count_call(node)
         last = self._first_cdim(node) == -1  # the input is a channels-last map
         if last and not isinstance(mod, (nn.Linear, nn.LayerNorm, *_PASSTHROUGH_MODULES)):
             self.block(node, f"{type(mod).__name__} {node.target} on a channels-last input")
@@ -423,8 +427,7 @@ class ChannelWalk:
         segs = self.segs.get(src.name) if src is not None else None
         name = node.target if node.op == "call_module" else _fn_name(node)
         if node.op == "call_module":
-            self.calls_per_module[node.target] = self.calls_per_module.get(node.target, 0) + 1
-            self.call_node[node.target] = node.name
+            self.count_call(node)
         # the concatenation is its only tensor input (sizes, as in a view's shape, may come too)
         only_src = segs is not None and all(a is src or _shape(a) is None for a in node.all_input_nodes)
         mod = self.modules.get(node.target) if node.op == "call_module" else None

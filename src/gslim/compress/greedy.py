@@ -399,15 +399,12 @@ def _regression_weights(mod: nn.Module, cols: list[int], off: int = 0) -> torch.
     return w.reshape(w.shape[0], -1).T
 
 
-def _install(
-    mod: nn.Module, W: torch.Tensor, n_in: int, off: int = 0, replaced: Optional[int] = None
-) -> None:
-    """Weights ``W`` (regression layout) for ``n_in`` input channels; inside a concatenation
-    they replace the ``replaced`` channels from ``off`` and the other columns stay."""
+def _install(mod: nn.Module, W: torch.Tensor, n_in: int, off: int, replaced: int) -> None:
+    """Weights ``W`` (regression layout) for ``n_in`` input channels in place of the ``replaced``
+    columns from ``off``; the other columns (inside a concatenation) stay."""
     old = mod.weight.detach()
     block = W.T.reshape(W.shape[1], n_in, *old.shape[2:]).to(old.dtype)
-    if replaced is not None:
-        block = torch.cat([old[:, :off], block, old[:, off + replaced :]], 1)
+    block = torch.cat([old[:, :off], block, old[:, off + replaced :]], 1)
     if isinstance(mod, nn.Linear):
         mod.in_features = block.shape[1]
     else:
@@ -432,8 +429,7 @@ def _refit_consumers(
     kinds = set()
     for c, st in zip(u.consumers, stats):
         mod = sel.wmods[c]
-        concat = c in u.concat_before
-        off = column_offset(sel.work, u, c) if concat else 0
+        off = column_offset(sel.work, u, c)  # 0 unless it reads the unit inside a concatenation
         W, fit_err = refit(st, fit_keep, ridge=cfg.ridge)
         chosen, kind = W, "least-squares"
         held_err = None
@@ -445,7 +441,7 @@ def _refit_consumers(
                 chosen, kind, held_err = W0, "original", held0
                 fit_err = subset_error(st, fit_keep, W0)
         kinds.add(kind)
-        _install(mod, chosen, len(keep), off, columns if concat else None)
+        _install(mod, chosen, len(keep), off, columns)
         unknowns = len(keep) * st.group
         if st.rows < MIN_ROWS_PER_UNKNOWN * unknowns:
             report.warnings.append(
@@ -482,7 +478,7 @@ def _refit_squeeze(sel: _Selection, name: str, st: Stats, keep: list[int], inter
         if intercept:
             mod.bias.add_(W[-1].to(mod.bias.dtype))
             W = W[:-1]
-        _install(mod, W, len(keep))
+        _install(mod, W, len(keep), 0, len(keep))  # (already sliced to the kept channels)
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ JSON a person can read.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -55,10 +56,6 @@ class _Layer:
     depthwise: bool
     in_full: tuple[int, ...] = ()  # the full widths of ``in_units``
 
-    @property
-    def in_unit(self) -> Optional[str]:
-        return self.in_units[0] if len(self.in_units) == 1 else None
-
     def axes(self) -> list[str]:
         """'in' and/or 'out': the widths its shape depends on (one for a carried depthwise)."""
         out = ["in"] if self.in_units else []
@@ -85,6 +82,11 @@ class _Layer:
         hi = self.shape.cin
         return sorted({int(round(lo + (hi - lo) * i / max(1, points - 1))) for i in range(points)})
 
+    def axis_grids(self, grids: dict[str, list[int]]) -> list[list[int]]:
+        """The timed widths of each of its axes (coarser where two vary: a 2-D surface)."""
+        axes = self.axes()
+        return [self.grid(a, grids) if len(axes) == 1 else coarse_grid(self.grid(a, grids)) for a in axes]
+
     def at(self, widths: dict[str, int]) -> LayerShape:
         return self.shape_at(self.value("in", widths), self.value("out", widths))
 
@@ -96,9 +98,7 @@ class _Layer:
         return LayerShape(s.op, cin, cout, groups, s.kernel, s.stride, s.padding, s.dilation, s.hw, s.bias)
 
     def at_axes(self, values: dict[str, int]) -> LayerShape:
-        cin = values.get("in", self.shape.cin)
-        cout = values.get("out", cin if self.depthwise else self.shape.cout)
-        return self.shape_at(cin, cout)
+        return self.shape_at(values.get("in", self.shape.cin), values.get("out", self.shape.cout))
 
 
 def model_layers(graph: UnitGraph, units: list[Unit], input_size: int) -> list[_Layer]:
@@ -183,14 +183,12 @@ class LatencyModel:
         # each layer's measured curve (1-D) or surface (2-D), looked up once
         self._curves = []
         for ly in layers:
-            axes = ly.axes()
+            axes, xs = ly.axes(), ly.axis_grids(grids)
             if len(axes) == 1:
-                xs = ly.grid(axes[0], grids)
-                self._curves.append((axes, (xs,), [table.lookup(ly.at_axes({axes[0]: x})) for x in xs]))
+                ys = [table.lookup(ly.at_axes({axes[0]: x})) for x in xs[0]]
             else:
-                xa, xb = coarse_grid(ly.grid("in", grids)), coarse_grid(ly.grid("out", grids))
-                ys = [[table.lookup(ly.at_axes({"in": va, "out": vb})) for vb in xb] for va in xa]
-                self._curves.append((axes, (xa, xb), ys))
+                ys = [[table.lookup(ly.at_axes({"in": va, "out": vb})) for vb in xs[1]] for va in xs[0]]
+            self._curves.append((axes, tuple(xs), ys))
         self._full_layer_ms = [self._layer_ms(i, full) for i in range(len(layers))]
 
     @classmethod
@@ -308,14 +306,8 @@ def coarse_grid(g: list[int]) -> list[int]:
 
 def _grid_shapes(layers: list[_Layer], grids: dict[str, list[int]]):
     for ly in layers:
-        axes = ly.axes()
-        if len(axes) == 1:
-            for x in ly.grid(axes[0], grids):
-                yield ly.at_axes({axes[0]: x})
-        else:
-            for va in coarse_grid(ly.grid("in", grids)):
-                for vb in coarse_grid(ly.grid("out", grids)):
-                    yield ly.at_axes({"in": va, "out": vb})
+        for values in itertools.product(*ly.axis_grids(grids)):
+            yield ly.at_axes(dict(zip(ly.axes(), values)))
 
 
 @dataclass

@@ -124,9 +124,8 @@ def _collect_units(walk: ChannelWalk, include_residual: bool) -> UnitGraph:
         roots = [sp.find(s) for s in segs]
         for r in {r for r in roots if roots.count(r) > 1}:
             sp.info[r]["blocked"].append(f"{layer} reads it twice through one concatenation")
-    spaces = {sp.find(s) for s in walk.space_of.values()} | {sp.find(s) for _, v in walk.views for s in v}
     by_root: dict[int, Unit] = {}
-    for r in sorted(spaces):
+    for r in sorted({sp.find(s) for s in walk.space_of.values()}):  # (concatenated inputs are among them)
         info = sp.info[r]
         producers = _dedupe(info["producers"])
         desc = f"{sp.width[r]} channels produced by {', '.join(producers) or 'the input'}"
