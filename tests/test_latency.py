@@ -214,6 +214,69 @@ def test_latency_budget_is_met_on_an_exact_backend(tmp_path, monkeypatch):
     assert res.budget["metric"] == "latency" and res.widths
 
 
+@pytest.mark.parametrize(
+    "block, noise, expect",
+    [(16, 0.0, 16), (16, 0.02, 16), (32, 0.0, 32), (8, 0.0, 8), (1, 0.0, 8), (1, 0.02, 8), (None, 0.0, 8)],
+)
+def test_staircase_alignment_is_read_from_measured_steps(block, noise, expect):
+    """Times flat inside each block of channels give that block; times linear in the width (block
+    1) or flat overall (a launch-bound layer, None) give the step itself."""
+    from gslim.compress.latency import staircase_alignment
+
+    rng = random.Random(0)
+    widths = list(range(32, 129, 8))
+    base = [0.01 if block is None else 0.005 + 0.001 * (-(-w // block) * block) / 8 for w in widths]
+    ms = [t * (1 + noise * (2 * rng.random() - 1)) for t in base]
+    assert staircase_alignment(widths, ms, 8) == expect
+
+
+def test_in_network_savings_map_is_piecewise_through_the_probes():
+    """Probes that save less per isolated millisecond the deeper they cut give a concave map; a
+    probe that timed slower than the base (noise) cannot make the map fall."""
+    from gslim.compress.latency import savings_points
+
+    pts = savings_points([(4.9, 3.8), (0.8, 0.75), (2.1, 1.9)])
+    assert [p[0] for p in pts] == [0.8, 2.1, 4.9] and [round(p[1], 6) for p in pts] == [0.75, 1.9, 3.8]
+    noisy = savings_points([(1.0, -0.2), (2.0, 1.5)])
+    assert noisy[0] == (1.0, 0.1) and noisy[1][1] > noisy[0][1]
+    assert savings_points([(0.0, 0.3), (-1.0, 0.2)]) == []
+
+
+def _staircase_timer(monkeypatch, block: int = 16):
+    """A runtime whose layers cost what their channel counts rounded up to ``block`` cost."""
+    import gslim.compress.latency_table as lat
+
+    up = lambda c: -(-c // block) * block  # noqa: E731
+
+    def layers(shapes, settings):
+        out = {}
+        for s in shapes:
+            hw = s.hw[0] * s.hw[1] // (s.stride[0] * s.stride[1])
+            per_group = up(s.cin) // s.groups if s.groups == s.cin else s.cin // s.groups
+            out[s.key()] = 1e-6 * up(s.cout) * per_group * s.kernel[0] * s.kernel[1] * hw + 1e-3
+        return out
+
+    monkeypatch.setattr(lat, "_time_layers", layers)
+
+
+def test_latency_widths_land_on_the_runtime_staircase(tmp_path, monkeypatch):
+    """On a runtime that computes channels in blocks of 16, a width between two multiples costs
+    the upper one: the model predicts so, and the budget buys the upper width (round_to 8)."""
+    _mac_timer(monkeypatch)
+    _staircase_timer(monkeypatch, 16)
+    (res, info), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "55%", "round_to": 8})
+    assert info["model"]["align"] == 16
+    assert res.widths and all(w % 16 == 0 for w in res.widths.values()), res.widths  # the narrowed units
+
+
+def test_a_second_latency_compress_reads_table_and_calibration_from_disk(tmp_path, monkeypatch):
+    _mac_timer(monkeypatch)
+    (res1, info1), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "60%"})
+    (res2, info2), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "60%"})
+    assert info1["model"]["savings"] and info2["model"]["savings"] == info1["model"]["savings"]
+    assert info2["model"]["measured_now"] == 0 and res2.widths == res1.widths
+
+
 def test_unreachable_budget_and_unknown_backend_are_clear_errors(tmp_path, monkeypatch, make_recipe, run_cli):
     _mac_timer(monkeypatch)
     with pytest.raises(GslimError, match="unreachable: at the minimum widths"):

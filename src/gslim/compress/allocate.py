@@ -95,7 +95,7 @@ def solve_separable(
         if not keep.any():
             return {v: options[v][int(np.argmin(costs[v]))] for v in units}
         c, e, prev, opt = c[keep], e[keep], prev[keep], opt[keep]
-        order = np.lexsort((e, c))  # by cost, then error
+        order = np.lexsort((-opt, e, c))  # by cost, then error, then the wider option (a tie)
         c, e, prev, opt = c[order], e[order], prev[order], opt[order]
         best_before = np.minimum.accumulate(np.concatenate(([np.inf], e[:-1])))
         pareto = e < best_before - 1e-15  # strictly better than every cheaper point

@@ -143,7 +143,7 @@ class LatencyTable:
     context: dict[str, Any]
     path: Path
     entries: dict[str, float] = field(default_factory=dict)
-    models: dict[str, float] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)  # milliseconds, or calibration points
     measured_now: int = 0  # entries this process measured (0 on a fully cached run)
 
     @classmethod
@@ -173,7 +173,7 @@ class LatencyTable:
                     "its times do not apply here: pass another --latency-table or none"
                 )
             table.entries = {k: float(v) for k, v in data.get("entries", {}).items()}
-            table.models = {k: float(v) for k, v in data.get("models", {}).items()}
+            table.models = {k: _model_value(v) for k, v in data.get("models", {}).items()}
         return table
 
     def save(self) -> None:
@@ -209,6 +209,13 @@ class LatencyTable:
 
     def lookup(self, shape: LayerShape) -> float:
         return self.entries[shape.key()]
+
+
+def _model_value(v: Any) -> Any:
+    """A whole-model entry: milliseconds, or a list of (isolated, in-network) saving points."""
+    if isinstance(v, list):
+        return [[float(a) for a in p] for p in v]
+    return float(v)
 
 
 def _time_layers(shapes: list[LayerShape], settings: LatencySettings) -> dict[str, float]:
