@@ -67,3 +67,22 @@ def test_a_linear_on_a_channels_last_map_has_one_row_per_position():
     assert torch.equal(consumer_rows(lin, x, pick), x.reshape(-1, 4)[pick])
     assert torch.allclose(target_rows(lin, y, pick), (x.reshape(-1, 4) @ lin.weight.T)[pick], atol=1e-6)
     assert row_fraction(lin, y.shape, images=1000, max_rows=3000) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("width", [40, 1700])
+def test_gram_sums_equal_the_whole_product_however_they_are_blocked(width):
+    """A wide Gram is summed block by block over its upper triangle and mirrored at the end: the
+    result is the symmetric X^T X of every row added, like a narrow one's single product."""
+    from gslim.compress.calibrate import StatsAccumulator
+
+    torch.manual_seed(0)
+    acc = StatsAccumulator(1.0, torch.Generator().manual_seed(0), holdout=0.0)
+    xs = [torch.randn(n, width) for n in (30, 1, 50)]
+    ys = [torch.randn(x.shape[0], 3) for x in xs]
+    for x, y in zip(xs, ys):
+        acc.add(x, y, None)
+    st = acc.result(1)
+    X, Y = torch.cat(xs).double(), torch.cat(ys).double()
+    assert torch.equal(st.G, st.G.T)
+    assert torch.allclose(st.G, X.T @ X, rtol=1e-5, atol=1e-3) and torch.allclose(st.B, X.T @ Y, atol=1e-3)
+    assert st.rows == 81 and abs(st.yy - float(Y.pow(2).sum())) < 1e-6

