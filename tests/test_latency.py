@@ -82,6 +82,17 @@ def test_allocation_never_exceeds_a_coupled_budget(seed):
 # --------------------------------------------------------------------------- the table
 
 
+def test_repair_steps_down_a_staircase_where_one_step_saves_nothing():
+    """On a runtime that computes 16 channels at a time, 24 costs what 32 costs: narrowing to
+    meet the budget must look past the step that saves nothing."""
+    from gslim.compress.allocate import _repair
+
+    opts = {"a": [8, 16, 24, 32], "b": [8, 16, 24, 32]}
+    cost = lambda w: sum(-(-k // 16) * 16 for k in w.values())  # noqa: E731
+    error = lambda u, k: (32 - k) / 32 * (2.0 if u == "a" else 1.0)  # noqa: E731
+    assert _repair(opts, error, cost, 48, {"a": 32, "b": 32}) == {"a": 32, "b": 16}
+
+
 def test_table_cache_key_changes_with_threads_and_precision(tmp_path, monkeypatch):
     from gslim.compress.latency_table import LatencySettings, LatencyTable
 

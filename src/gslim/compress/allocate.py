@@ -123,16 +123,16 @@ def _repair(options, error, cost, budget, widths: Widths) -> Widths:
         here = cost(widths)
         best, best_score = None, math.inf
         for u, ks in options.items():
-            i = ks.index(widths[u])
-            if i == 0:
-                continue
-            trial = {**widths, u: ks[i - 1]}
-            saved = here - cost(trial)
-            if saved <= 0:
-                continue
-            score = (error(u, ks[i - 1]) - error(u, widths[u])) / saved
-            if score < best_score:
-                best, best_score = trial, score
+            # the next narrower option that saves anything: on a runtime's channel staircase one
+            # rounding step below a block's top costs what the top costs
+            for k in reversed(ks[: ks.index(widths[u])]):
+                trial = {**widths, u: k}
+                saved = here - cost(trial)
+                if saved > 0:
+                    score = (error(u, k) - error(u, widths[u])) / saved
+                    if score < best_score:
+                        best, best_score = trial, score
+                    break
         if best is None:
             raise GslimError(
                 f"cannot meet the budget {budget:,.4g}: narrowing no unit lowers the cost {here:,.4g}"
