@@ -270,14 +270,21 @@ def _staircase_timer(monkeypatch, block: int = 16):
     monkeypatch.setattr(lat, "_time_layers", layers)
 
 
-def test_latency_widths_land_on_the_runtime_staircase(tmp_path, monkeypatch):
+@pytest.mark.parametrize("round_to", [8, 1])
+def test_latency_widths_land_on_the_runtime_staircase(tmp_path, monkeypatch, round_to):
     """On a runtime that computes channels in blocks of 16, a width between two multiples costs
-    the upper one: the model predicts so, and the budget buys the upper width (round_to 8)."""
+    the upper one: the model predicts so, and the budget buys the upper width."""
     _mac_timer(monkeypatch)
     _staircase_timer(monkeypatch, 16)
-    (res, info), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "55%", "round_to": 8})
+    (res, info), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "55%", "round_to": round_to})
     assert info["model"]["align"] == 16
     assert res.widths and all(w % 16 == 0 for w in res.widths.values()), res.widths  # the narrowed units
+
+
+def test_no_staircase_means_no_alignment_even_with_a_fine_rounding_step(tmp_path, monkeypatch):
+    _mac_timer(monkeypatch)
+    (res, info), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "55%", "round_to": 1})
+    assert info["model"]["align"] == 1
 
 
 def test_a_second_latency_compress_reads_table_and_calibration_from_disk(tmp_path, monkeypatch):

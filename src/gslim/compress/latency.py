@@ -252,11 +252,13 @@ class LatencyModel:
         """Measure what the table lacks for this model (and the full model's latency) and build."""
         layers = model_layers(graph, units, input_size)
         full = {u.name: u.width for u in units}
-        probe = alignment_probe(max(round_to, 1))
+        # below 8 the probe steps by 4 (steps of 1 or 2 over 4..16 channels could not show a block
+        # of 16); what it cannot resolve is no block at all
+        step = round_to if round_to >= 8 else 4
+        probe = alignment_probe(step)
         table.measure(probe, settings)
-        align = staircase_alignment(
-            [s.cout for s in probe], [table.lookup(s) for s in probe], max(round_to, 1)
-        )
+        align = staircase_alignment([s.cout for s in probe], [table.lookup(s) for s in probe], step)
+        align = align if align > step else max(round_to, 1)
         # the grid on the staircase's tops: what lies between two of them costs the upper one
         grids = {
             u.name: width_grid(u.width, settings.grid, unit_round_to(max(round_to, align), u.atom), min_width)
