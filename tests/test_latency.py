@@ -93,6 +93,32 @@ def test_repair_steps_down_a_staircase_where_one_step_saves_nothing():
     assert _repair(opts, error, cost, 48, {"a": 32, "b": 32}) == {"a": 32, "b": 16}
 
 
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "densenet", "regnet_x_400mf"])
+def test_one_unit_moves_are_priced_like_the_whole_model(arch):
+    """The knapsack prices every move of every unit by re-pricing only that unit's layers; the
+    result must be the whole model's cost (concatenations and grouped convs included)."""
+    import torchvision
+    from torchvision.models.densenet import DenseNet
+
+    from gslim.compress.budget import CostModel, width_options
+    from gslim.compress.units import find_units
+
+    if arch == "densenet":
+        model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
+    else:
+        model = torchvision.models.get_model(arch, num_classes=10)
+    graph = find_units(model.eval(), 32)
+    cost = CostModel(model, graph, 32, graph.units)
+    rng = random.Random(0)
+    options = {u.name: width_options(u.width, cost.step(u.name, 8), 8) for u in graph.units}
+    widths = {u: rng.choice(ks) for u, ks in options.items()}
+    for u in rng.sample(sorted(options), 6):
+        for metric, whole in (("macs", cost.macs), ("params", cost.params)):
+            got = cost.moves(metric, widths, u, options[u])
+            want = [whole({**widths, u: k}) for k in options[u]]
+            assert got == pytest.approx(want, rel=1e-12)
+
+
 def test_table_cache_key_changes_with_threads_and_precision(tmp_path, monkeypatch):
     from gslim.compress.latency_table import LatencySettings, LatencyTable
 
@@ -279,6 +305,28 @@ def test_latency_widths_land_on_the_runtime_staircase(tmp_path, monkeypatch, rou
     (res, info), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "55%", "round_to": round_to})
     assert info["model"]["align"] == 16
     assert res.widths and all(w % 16 == 0 for w in res.widths.values()), res.widths  # the narrowed units
+
+
+def test_latency_moves_are_predicted_like_the_whole_model(tmp_path, monkeypatch):
+    from gslim.compress.latency import LatencyModel
+    from gslim.compress.latency_table import LatencySettings, LatencyTable
+    from gslim.compress.units import find_units
+    from gslim.models import build_model
+
+    _staircase_timer(monkeypatch, 16)
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path))
+    model = build_model("mobilenet_v2", 4).eval()
+    graph = find_units(model, 32)
+    settings = LatencySettings()
+    lm = LatencyModel.build(model, graph, graph.units, 32, settings, LatencyTable.open(settings), full_ms=2.0)
+    lm.savings = [(0.5, 0.4), (1.0, 0.7)]  # a piecewise map, as calibrate leaves it
+    rng = random.Random(1)
+    widths = {u.name: rng.choice([8, 16, u.width]) for u in graph.units}
+    for u in graph.units[:6]:
+        ks = [8, 16, 24, u.width]
+        assert lm.predict_moves(widths, u.name, ks) == pytest.approx(
+            [lm.predict({**widths, u.name: k}) for k in ks], rel=1e-12
+        )
 
 
 def test_no_staircase_means_no_alignment_even_with_a_fine_rounding_step(tmp_path, monkeypatch):

@@ -37,8 +37,11 @@ def allocate(
     *,
     start: Optional[Widths] = None,
     rounds: int = 4,
+    moves: Optional[Callable[[Widths, str, list[int]], list[float]]] = None,
 ) -> Widths:
-    """Widths (one option per unit) with the least total ``error`` whose ``cost`` is at most ``budget``."""
+    """Widths (one option per unit) with the least total ``error`` whose ``cost`` is at most ``budget``.
+    ``moves(widths, unit, options)``, when given, is ``[cost({**widths, unit: k}) for k in options]``
+    computed faster."""
     options = {u: sorted(set(v)) for u, v in options.items()}
     floor = {u: v[0] for u, v in options.items()}
     if cost(floor) > budget * (1 + 1e-9):
@@ -48,16 +51,18 @@ def allocate(
     widths = dict(start) if start is not None else {u: v[-1] for u, v in options.items()}
     seen = []
     for _ in range(rounds):
-        widths = _linearised_step(options, error, cost, budget, widths)
+        widths = _linearised_step(options, error, cost, budget, widths, moves)
         if widths in seen:
             break
         seen.append(dict(widths))
     return _repair(options, error, cost, budget, widths)
 
 
-def _linearised_step(options, error, cost, budget, widths: Widths) -> Widths:
+def _linearised_step(options, error, cost, budget, widths: Widths, moves=None) -> Widths:
     here = cost(widths)
-    deltas = {u: [cost({**widths, u: k}) - here for k in ks] for u, ks in options.items()}
+    if moves is None:
+        moves = lambda w, u, ks: [cost({**w, u: k}) for k in ks]  # noqa: E731
+    deltas = {u: [c - here for c in moves(widths, u, ks)] for u, ks in options.items()}
     errors = {u: [error(u, k) for k in ks] for u, ks in options.items()}
     return solve_separable(options, errors, deltas, budget - here)
 

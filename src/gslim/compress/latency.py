@@ -233,6 +233,10 @@ class LatencyModel:
                 ys = [[table.lookup(ly.at_axes({"in": va, "out": vb})) for vb in xs[1]] for va in xs[0]]
             self._curves.append((axes, tuple(xs), ys))
         self._full_layer_ms = [self._layer_ms(i, full) for i in range(len(layers))]
+        self._of_unit: dict[str, list[int]] = {}
+        for i, ly in enumerate(layers):
+            for u in {*ly.in_units, *([ly.out_unit] if ly.out_unit else [])}:
+                self._of_unit.setdefault(u, []).append(i)
 
     @classmethod
     def build(
@@ -287,7 +291,17 @@ class LatencyModel:
 
     def predict(self, widths: dict[str, int]) -> float:
         """Milliseconds of the model with these unit widths (others at full width)."""
-        d = self.delta(widths)
+        return self._from_delta(self.delta(widths))
+
+    def predict_moves(self, widths: dict[str, int], unit: str, ks: list[int]) -> list[float]:
+        """:meth:`predict` with ``unit`` at each width of ``ks``: only the unit's layers re-priced."""
+        mine = self._of_unit.get(unit, [])
+        rest = self.delta(widths) - sum(self._layer_ms(i, widths) for i in mine)
+        return [
+            self._from_delta(rest + sum(self._layer_ms(i, {**widths, unit: k}) for i in mine)) for k in ks
+        ]
+
+    def _from_delta(self, d: float) -> float:
         if not self.savings or d >= 0:
             return self.full_ms + self.alpha * d
         xs, ys = zip(*([(0.0, 0.0)] + self.savings))

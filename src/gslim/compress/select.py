@@ -194,7 +194,7 @@ def _budget(
             "gslim.compress.stage.compress_stage (gslim compress), which sets one up"
         )
     model = latency.model_for(work, graph, units, input_size, cfg.round_to, cfg.min_width)
-    return budget_mod.Budget("latency", latency.target_ms, model.predict), model
+    return budget_mod.Budget("latency", latency.target_ms, model.predict, model.predict_moves), model
 
 
 # ---------------------------------------------------------------------------------------
