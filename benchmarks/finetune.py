@@ -58,6 +58,19 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, updates
 
 
+def with_updates(section: Any, updates: dict[str, Any]) -> dict[str, Any]:
+    """The section as a dict with ``updates`` applied; a dotted key reaches into a subsection
+    (``distill.alpha=0.9``; ``distill=null`` turns distillation off)."""
+    out = section.model_dump()
+    for key, value in updates.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return out
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -138,8 +151,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     rows.append(json.loads(result_path.read_text()))
                     continue
                 v_recipe = c_recipe.model_copy(deep=True)
-                v_recipe.finetune = recipe.finetune.model_copy(update=updates)
-                v_recipe.finetune = type(recipe.finetune).model_validate(v_recipe.finetune.model_dump())
+                v_recipe.finetune = type(recipe.finetune).model_validate(
+                    with_updates(recipe.finetune, updates)
+                )
                 t0 = time.perf_counter()
                 res = finetune_stage(
                     v_recipe, vdir, model_path=slim, teacher_path=base_path, force=True, progress=False

@@ -432,7 +432,7 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard =
     # and ranks: the same statistics in one process or many), positions
     sums: dict[nn.Module, list] = {m: [ExactSum(), ExactSum(), 0] for m in bns}
 
-    def hook(m, args, out):
+    def hook(m, args):
         x = args[0]
         dims = [0] + list(range(2, x.dim()))
         xd = x.double()
@@ -440,13 +440,15 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard =
         acc[0].add(xd.sum(dims))
         acc[1].add(xd.pow(2).sum(dims))
         acc[2] += x.numel() // x.shape[1]
-        if x.numel() // x.shape[1] > 1:
-            return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
-        return out
+        # the layer itself normalises with the batch's statistics (training mode, this layer
+        # only: one BatchNorm computation, not an eval one replaced afterwards); its running
+        # averages are overwritten below
+        m.training = x.numel() // x.shape[1] > 1
 
     was_training = model.training
     model.eval()
-    handles = [m.register_forward_hook(hook) for m in bns]
+    counts = {m: m.num_batches_tracked.clone() for m in bns if m.num_batches_tracked is not None}
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
     try:
         for x in batches:
             model(x)
@@ -454,6 +456,8 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard =
         for h in handles:
             h.remove()
         model.train(was_training)
+        for m, c in counts.items():
+            m.num_batches_tracked.copy_(c)
     for m, (t1, t2, n) in sums.items():
         if shard.enabled:
             for t in (t1, t2):
