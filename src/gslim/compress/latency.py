@@ -73,6 +73,10 @@ class _Layer:
             return widths.get(self.out_unit, s.cout) if self.out_unit else s.cout
         return s.cin + sum(widths.get(u, f) - f for u, f in zip(self.in_units, self.in_full))
 
+    def computed(self, axis: str, widths: dict[str, int], align: int) -> int:
+        """:meth:`value` as the runtime computes it: up to the next multiple of its channel block."""
+        return aligned(self.value(axis, widths), self.shape.cout if axis == "out" else self.shape.cin, align)
+
     def grid(self, axis: str, grids: dict[str, list[int]]) -> list[int]:
         """The widths of ``axis`` to time: the unit's grid, or for a sum of units evenly spaced
         totals from all of them at their smallest to all at full."""
@@ -276,13 +280,11 @@ class LatencyModel:
     def _layer_ms(self, i: int, widths: dict[str, int]) -> float:
         names, axes, ys = self._curves[i]
         ly = self.layers[i]
-        s, a = ly.shape, self.align
         if len(names) == 1:
-            full = s.cout if names[0] == "out" else s.cin
-            return _interp(axes[0], ys, aligned(ly.value(names[0], widths), full, a))
-        xb = aligned(ly.value("out", widths), s.cout, a)
+            return _interp(axes[0], ys, ly.computed(names[0], widths, self.align))
+        xb = ly.computed("out", widths, self.align)
         return _interp(
-            axes[0], [_interp(axes[1], row, xb) for row in ys], aligned(ly.value("in", widths), s.cin, a)
+            axes[0], [_interp(axes[1], row, xb) for row in ys], ly.computed("in", widths, self.align)
         )
 
     def delta(self, widths: dict[str, int]) -> float:
