@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from conftest import slim_vs_masked
+from gslim.compress import omp
 from gslim.compress.omp import Stats, greedy_select, refit
 from gslim.compress.select import compress_model
 from gslim.compress.units import find_units
@@ -64,8 +65,11 @@ def _lstsq_error(X, Y, cols):
     return float(((Y - X[:, cols] @ W) ** 2).sum() / (Y**2).sum())
 
 
+@pytest.mark.parametrize("fold_columns", [None, 3])
 @pytest.mark.parametrize("group", [1, 4])
-def test_greedy_refit_is_monotone_and_least_squares_optimal(group):
+def test_greedy_refit_is_monotone_and_least_squares_optimal(group, fold_columns, monkeypatch):
+    if fold_columns is not None:  # the basis folded into the Gram every few steps (right-looking)
+        monkeypatch.setattr(omp._GroupOmpState, "FOLD_COLUMNS", fold_columns)
     torch.manual_seed(0)
     C, outs, N = 12, 6, 500
     X = torch.randn(N, C * group, dtype=torch.float64)

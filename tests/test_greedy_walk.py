@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from gslim.compress import greedy
+from gslim.compress import calibrate, greedy, planning
 from gslim.compress.select import compress_model
 from gslim.recipe import CompressConfig
 
@@ -62,3 +62,28 @@ def test_a_shortcut_that_does_not_reproduce_the_segment_falls_back_to_the_full_r
     with pytest.warns(UserWarning, match="recomputed whole"):
         res, orders = _compress(_model("mobilenet_v3_small"), x)
     assert res.widths == ref.widths and orders == ref_orders
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
+def test_targets_kept_by_planning_replace_the_original_network_in_the_walk(arch, monkeypatch):
+    # every row taken, none held out: both ways then fit the very same rows, so they must agree
+    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0, None))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig(criterion="greedy", target_macs=0.5, round_to=8, bn_recalib=False, max_positions=10**6)
+
+    def run(cap: int):
+        monkeypatch.setattr(planning, "TARGET_STORE_BYTES", cap)
+        model = _model(arch)
+        calls = []
+        stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        stem.register_forward_hook(lambda m, *a: calls.append(m))  # (copied to the pruned model too)
+        res = compress_model(model, 32, x, None, cfg, seed=0, batch_size=4)
+        return res, {u.name: list(u.order) for u in res.units}, sum(m is stem for m in calls)
+
+    kept, kept_orders, kept_calls = run(planning.TARGET_STORE_BYTES)
+    rerun, rerun_orders, rerun_calls = run(0)  # nothing kept: the walk runs the original network
+    # the original network's first layer: with kept targets only in the planning pass (2 batches)
+    assert kept_calls == 2 and rerun_calls > 2
+    assert kept.widths == rerun.widths and kept_orders == rerun_orders
+    with torch.no_grad():
+        torch.testing.assert_close(kept.model(x), rerun.model(x), rtol=1e-4, atol=1e-5)

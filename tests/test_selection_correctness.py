@@ -125,8 +125,10 @@ def test_bn_recalibration_is_exact_pooled_statistics_in_eval_mode():
     x = torch.randn(65, 3, 6, 6) * 2 + 1
     batches = [x[:64], x[64:]]  # a last batch of one image: BatchNorm1d must not fail on it
     modes = [m.training for m in model.modules()]
+    model.bn1d.momentum = None  # (the statistics are read back through momentum 1; restored after)
     recalibrate_bn(model, batches)
     assert [m.training for m in model.modules()] == modes and int(model.bn.num_batches_tracked) == 0
+    assert model.bn1d.momentum is None and model.bn.momentum == 0.1
     with torch.no_grad():
         feats = model.conv(x).permute(0, 2, 3, 1).reshape(-1, 8)
     assert torch.allclose(model.bn.running_mean, feats.mean(0), atol=1e-5)

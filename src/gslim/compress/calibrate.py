@@ -414,10 +414,10 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard =
     """Re-estimate BatchNorm running statistics on calibration images, exactly.
 
     The model runs in eval mode, so Dropout and StochasticDepth stay off and nothing but
-    the BatchNorm statistics changes. Each BatchNorm's input is summed (per channel, in
-    float64) over every image: the new running mean and variance are the pooled statistics
-    of all calibration positions, each batch weighted by its size, and the variance is the
-    pooled one (not an average of per-batch variances, which is biased low). While the pass
+    the BatchNorm statistics changes. Each BatchNorm's per-batch mean and variance are pooled
+    in float64 over every image: the new running mean and variance are the statistics of all
+    calibration positions, each batch weighted by its size, and the variance is the pooled
+    one (not an average of per-batch variances, which is biased low). While the pass
     runs, each BatchNorm normalises a batch with that batch's own statistics, as training
     mode would, so the layers after it see inputs on the scale the new statistics describe;
     a batch with a single value per channel (BatchNorm1d on one image) uses the running
@@ -431,24 +431,43 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard =
     # per channel: sum, sum of squares (each batch's in float64, summed exactly across batches
     # and ranks: the same statistics in one process or many), positions
     sums: dict[nn.Module, list] = {m: [ExactSum(), ExactSum(), 0] for m in bns}
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in bns}
 
-    def hook(m, args):
+    def pre(m, args):
         x = args[0]
-        dims = [0] + list(range(2, x.dim()))
-        xd = x.double()
-        acc = sums[m]
-        acc[0].add(xd.sum(dims))
-        acc[1].add(xd.pow(2).sum(dims))
-        acc[2] += x.numel() // x.shape[1]
-        # the layer itself normalises with the batch's statistics (training mode, this layer
-        # only: one BatchNorm computation, not an eval one replaced afterwards); its running
-        # averages are overwritten below
-        m.training = x.numel() // x.shape[1] > 1
+        n = x.numel() // x.shape[1]
+        # The layer normalises the batch with the batch's own statistics (training mode, this
+        # layer only), and with momentum 1 its running buffers become exactly that batch's mean
+        # and unbiased variance, computed by the layer's own kernel (float64 accumulation on
+        # CPU): reading them back in ``post`` costs nothing, where summing a float64 copy of
+        # the input cost 1.7x the layer itself. A batch with one value per channel cannot be
+        # normalised by itself: it uses the statistics the layer came with and is summed here.
+        m.training = n > 1
+        if n <= 1:
+            m.running_mean.copy_(saved[m][0])
+            m.running_var.copy_(saved[m][1])
+            dims = [0] + list(range(2, x.dim()))
+            xd = x.double()
+            sums[m][0].add(xd.sum(dims))
+            sums[m][1].add(xd.pow(2).sum(dims))
+            sums[m][2] += n
+
+    def post(m, args, out):
+        x = args[0]
+        n = x.numel() // x.shape[1]
+        if n > 1:
+            mean, var = m.running_mean.double(), m.running_var.double()
+            acc = sums[m]
+            acc[0].add(mean * n)
+            acc[1].add(var * (n - 1) + mean.pow(2) * n)
+            acc[2] += n
 
     was_training = model.training
     model.eval()
     counts = {m: m.num_batches_tracked.clone() for m in bns if m.num_batches_tracked is not None}
-    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    for m in bns:
+        m.momentum = 1.0
+    handles = [m.register_forward_pre_hook(pre) for m in bns] + [m.register_forward_hook(post) for m in bns]
     try:
         for x in batches:
             model(x)
@@ -458,6 +477,10 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard =
         model.train(was_training)
         for m, c in counts.items():
             m.num_batches_tracked.copy_(c)
+        for m, (mean, var, momentum) in saved.items():
+            m.running_mean.copy_(mean)  # a layer never reached keeps what it had
+            m.running_var.copy_(var)
+            m.momentum = momentum
     for m, (t1, t2, n) in sums.items():
         if shard.enabled:
             for t in (t1, t2):

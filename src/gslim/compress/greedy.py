@@ -1,7 +1,7 @@
 """The ``greedy`` criterion: per unit, forward selection of the channels that best reconstruct
 each consumer's output (OMP in Gram space, :mod:`gslim.compress.omp`), with the consumer
-re-fitted by ridge least squares to the *original* network's outputs; and the planning curves
-that turn a budget into per-unit widths."""
+re-fitted by ridge least squares to the *original* network's outputs. The planning pass (the
+curves that turn a budget into widths, and the kept targets) is :mod:`gslim.compress.planning`."""
 
 from __future__ import annotations
 
@@ -28,17 +28,9 @@ from gslim.compress.calibrate import (
     unit_columns,
     unit_span,
 )
-from gslim.compress.omp import (
-    Stats,
-    channels_of,
-    coarsen,
-    greedy_select,
-    per_channel_curve,
-    prediction_error_curve,
-    refit,
-    subset_error,
-)
-from gslim.compress.selection import PLANNING_FLOOR, Progress, UnitReport
+from gslim.compress.omp import Stats, channels_of, coarsen, greedy_select, refit, subset_error
+from gslim.compress.planning import TargetStore, max_rows, pointwise_readers
+from gslim.compress.selection import Progress, UnitReport
 from gslim.compress.shard import SINGLE, Shard
 from gslim.compress.slim import column_offset, slim_unit
 from gslim.compress.units import Unit, UnitGraph
@@ -47,69 +39,10 @@ from gslim.recipe import CompressConfig
 # greedy (OMP with re-fit)
 
 
-def _max_rows(cfg: CompressConfig, mod: nn.Module, channels: int) -> int:
-    # enough positions for a well-posed fit (16 per unknown), capped for speed
-    return min(cfg.max_positions, max(16 * channels * kernel_group(mod), 4096))
-
-
 # Below this many fitted rows per unknown (a consumer's kept channels times its kernel
 # positions) a least-squares re-fit is under-determined: in-sample it reads ~0, held out it
 # does not. The unit's report carries a warning; the held-out error decides what is kept.
 MIN_ROWS_PER_UNKNOWN = 2.0
-
-
-def planning_curves(
-    original: nn.Module,
-    graph: UnitGraph,
-    units: list[Unit],
-    batches: list[torch.Tensor],
-    cfg: CompressConfig,
-    gen: torch.Generator,
-    shard: Shard = SINGLE,
-) -> dict[str, list[float]]:
-    """Per-unit error-vs-width curves on the original network, from one pass over the data.
-
-    They only allocate the budget across units (through eps); the channels themselves are
-    chosen afterwards on the progressively pruned network. The in-sample greedy path is
-    corrected to an estimate of the error on new rows (:func:`prediction_error_curve`), so a
-    unit with few rows per unknown does not look free to cut.
-    """
-    mods = dict(original.named_modules())
-    accs: dict[tuple[str, str], StatsAccumulator] = {}
-    captured: dict[tuple[str, str], torch.Tensor] = {}
-    n_images = shard.images(batches)
-    with Hooks() as hooks:
-        for u in units:
-            for c in u.consumers:
-                mod = mods[c]
-
-                def pre(m, args, c=c, u=u):  # (a layer on a concatenation reads several units)
-                    captured[u.name, c] = args[0]
-
-                def post(m, args, out, c=c, u=u):
-                    key = (u.name, c)
-                    if key not in accs:
-                        frac = row_fraction(m, out.shape, n_images, _max_rows(cfg, m, u.width))
-                        accs[key] = StatsAccumulator(frac, gen, holdout=0.0, shard=shard)
-                    # taken inside the hook: an in-place op after the consumer cannot reach it
-                    sample = accs[key].draw(row_count(m, out))
-                    X = consumer_rows(m, captured.pop(key), sample.pick)
-                    X, Y = unit_columns(m, u, c, original, X, target_rows(m, out, sample.pick), u.width)
-                    accs[key].add(X, Y, sample.held)
-
-                hooks.pre(mod, pre)
-                hooks.post(mod, post)
-        with torch.no_grad():
-            for x in batches:
-                original(x)
-    curves = {}
-    for u in units:
-        stats = [coarsen(accs[(u.name, c)].result(kernel_group(mods[c])), u.atom) for c in u.consumers]
-        # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
-        _, path = greedy_select(stats, eps=PLANNING_FLOOR, ridge=cfg.ridge)
-        curve = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
-        curves[u.name] = per_channel_curve(curve, u.atom)
-    return curves
 
 
 def segments_for(graph: UnitGraph, units: list[Unit], root: nn.Module) -> list[Segment]:
@@ -128,9 +61,12 @@ class _Selection:
         gen: torch.Generator,
         n_images: int,
         shard: Shard,
+        targets: Optional[TargetStore] = None,
     ):
         self.omods, self.wmods = dict(original.named_modules()), dict(work.named_modules())
         self.work, self.cfg, self.gen, self.n_images, self.shard = work, cfg, gen, n_images, shard
+        # the original network's outputs kept from the planning pass (None: run it again)
+        self.targets = targets if targets is not None and targets.complete else None
         # original output channels that each sliced producer still has: a consumer whose rows
         # an earlier unit cut is fitted to the matching rows of the original output
         self.kept_rows: dict[str, torch.Tensor] = {}
@@ -144,33 +80,47 @@ class _Selection:
         const: frozenset[str] = frozenset(),
     ) -> None:
         """Hooks that fill ``accs[reader]``: targets from the original network's reader (run
-        first on each batch), features from the pruned network's (run second), the same rows
-        sampled from both. Readers in ``const`` get a constant column (an intercept)."""
+        first on each batch, or kept from the planning pass), features from the pruned
+        network's (run second), the same rows sampled from both. Readers in ``const`` get a
+        constant column (an intercept)."""
         pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        kept = {}
+        for c in readers:
+            if self.targets is not None and (rows := self.targets.get((u.name, c))) is not None:
+                kept[c] = iter(rows)
 
         def post(m, args, out, c):
             if c not in accs:
                 accs[c] = StatsAccumulator(
-                    row_fraction(m, out.shape, self.n_images, _max_rows(self.cfg, m, u.width)),
+                    row_fraction(m, out.shape, self.n_images, max_rows(self.cfg, m, u.width)),
                     self.gen,
                     shard=self.shard,
                 )
             sample = accs[c].draw(row_count(m, out))
-            rows = target_rows(m, out, sample.pick)
-            if c in self.kept_rows:
-                rows = rows[:, self.kept_rows[c]]
-            pending[c] = (sample, rows)
+            pending[c] = (sample, target_rows(m, out, sample.pick))
 
         def pre(m, args, c):
-            sample, Y = pending.pop(c)
+            if c in kept:
+                sample, Y = next(kept[c])
+                accs.setdefault(c, StatsAccumulator(1.0, self.gen, shard=self.shard))
+            else:
+                sample, Y = pending.pop(c)
+            if c in self.kept_rows:
+                Y = Y[:, self.kept_rows[c].to(Y.device)]
             X, Y = unit_columns(m, u, c, self.work, consumer_rows(m, args[0], sample.pick), Y, u.width)
             if c in const:
                 X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)
             accs[c].add(X, Y, sample.held)
 
         for c in readers:
-            hooks.post(self.omods[c], lambda m, a, o, c=c: post(m, a, o, c))
+            if c not in kept:
+                hooks.post(self.omods[c], lambda m, a, o, c=c: post(m, a, o, c))
             hooks.pre(self.wmods[c], lambda m, a, c=c: pre(m, a, c))
+
+    @property
+    def needs_original(self) -> bool:
+        """Whether the walk must run the original network (its targets were not kept)."""
+        return self.targets is None
 
 
 def run_greedy(
@@ -184,6 +134,7 @@ def run_greedy(
     gen: torch.Generator,
     progress: Progress,
     shard: Shard = SINGLE,
+    targets: Optional[TargetStore] = None,
 ) -> list[UnitReport]:
     internal = [u for u in units if u.kind == "internal"]
     residual = [u for u in units if u.kind == "residual"]
@@ -194,10 +145,11 @@ def run_greedy(
         end = max(graph.node_index[graph.consumer_node[c]] for c in u.consumers)
         s = next(i for i, seg in enumerate(work_segs) if seg.start < end <= seg.end)
         by_segment.setdefault(s, []).append(u)
-    sel = _Selection(original, work, cfg, gen, shard.images(batches), shard)
+    sel = _Selection(original, work, cfg, gen, shard.images(batches), shard, targets)
     reports: list[UnitReport] = []
     done = 0
-    orig_act, work_act = list(batches), list(batches)
+    orig_act = list(batches) if sel.needs_original else None
+    work_act = list(batches)
     with torch.no_grad():
         for s, (oseg, wseg) in enumerate(zip(orig_segs, work_segs)):
             seg_units = sorted(by_segment.get(s, []), key=lambda u: u.order)
@@ -215,7 +167,8 @@ def run_greedy(
 
         def run_whole():
             for x in batches:
-                original(x)
+                if sel.needs_original:
+                    original(x)
                 work(x)
 
         for u in residual:
@@ -229,16 +182,19 @@ def run_greedy(
 
 # Cached activations at a consumer may take at most this many bytes (else the segment is rerun whole).
 RESUME_CACHE_BYTES = 2 << 30
+# Images of the first batch that a resumed segment output is checked on.
+RESUME_CHECK_IMAGES = 4
 
 
 class _SegmentWalk:
     """One segment of the walk: its statistics passes, then the activations the next segment reads.
 
-    The original network's segment output is the same in every pass, so it is kept from the
-    first pass instead of being computed again. The pruned network's segment is split before
+    When the planning pass kept the original network's targets, the original network does not
+    run here at all (``orig_act`` None); else its segment output, the same in every pass, is kept
+    from the first pass instead of being computed again. The pruned network's segment is split before
     the first consumer of its last unit: that unit's passes keep the values alive there, and
     after its surgery only the tail (the consumer onwards) runs again, on those values with the
-    dropped channels sliced off (kept channels' values do not change). The first batch is also
+    dropped channels sliced off (kept channels' values do not change). The first images are also
     recomputed whole and compared, so a graph this does not capture costs time, never accuracy.
     """
 
@@ -273,12 +229,13 @@ class _SegmentWalk:
         capture = u is self.last and self.split is not None
 
         def run() -> None:
-            keep_orig = self.orig_out is None
+            keep_orig = self.orig_out is None and self.orig_act is not None
             outs, live, size = [], [], 0
-            for xo, xw in zip(self.orig_act, self.work_act):
-                yo = self.oseg(xo)
-                if keep_orig:
-                    outs.append(yo)
+            for i, xw in enumerate(self.work_act):
+                if self.orig_act is not None:  # (None: its targets were kept by the planning pass)
+                    yo = self.oseg(self.orig_act[i])
+                    if keep_orig:
+                        outs.append(yo)
                 if capture and size <= RESUME_CACHE_BYTES:
                     values = self.split.head(xw)
                     self.split.tail(*values)
@@ -297,16 +254,21 @@ class _SegmentWalk:
         if u is self.last and self.live is not None:
             self.keep = (width, torch.as_tensor(keep, dtype=torch.long))
 
-    def advance(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        orig = self.orig_out if self.orig_out is not None else [self.oseg(x) for x in self.orig_act]
+    def advance(self) -> tuple[Optional[list[torch.Tensor]], list[torch.Tensor]]:
+        orig = self.orig_out
+        if orig is None and self.orig_act is not None:
+            orig = [self.oseg(x) for x in self.orig_act]
         if self.live is None or self.keep is None:
             return orig, [self.wseg(x) for x in self.work_act]
         width, keep = self.keep
         work = [self.split.tail(*self._sliced(values, width, keep)) for values in self.live]
         self.live = None
-        check = self.wseg(self.work_act[0])
+        # a few images of the first batch suffice (eval mode: every image is computed alone),
+        # where the whole batch cost one more pass of the segment when it was the only one
+        few = min(RESUME_CHECK_IMAGES, self.work_act[0].shape[0])
+        check = self.wseg(self.work_act[0][:few])
         if not torch.allclose(
-            work[0], check, rtol=1e-4, atol=1e-5 * float(check.abs().max().clamp_min(1e-12))
+            work[0][:few], check, rtol=1e-4, atol=1e-5 * float(check.abs().max().clamp_min(1e-12))
         ):
             warnings.warn(
                 "greedy: resuming a segment from its consumer did not reproduce the segment's output; "
@@ -341,7 +303,7 @@ def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], N
     consumers (and an SE squeeze conv that reads it) to the original network's outputs."""
     cfg = sel.cfg
     width = u.width
-    squeeze = [c for c in u.inner_readers if _is_pointwise(sel.wmods[c])]
+    squeeze = pointwise_readers(u, sel.wmods)
     const = frozenset(c for c in squeeze if sel.wmods[c].bias is not None)
     collected = _collect(sel, u, u.consumers + squeeze, run, const)
     stats = [collected[c] for c in u.consumers]
@@ -383,12 +345,6 @@ def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], N
         prev = sel.kept_rows.get(name, torch.arange(width))
         sel.kept_rows[name] = prev[torch.as_tensor(keep, dtype=torch.long)]
     return report
-
-
-def _is_pointwise(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or (
-        isinstance(mod, nn.Conv2d) and kernel_group(mod) == 1 and mod.groups == 1
-    )
 
 
 def _regression_weights(mod: nn.Module, cols: list[int], off: int = 0) -> torch.Tensor:

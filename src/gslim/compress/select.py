@@ -38,8 +38,9 @@ from gslim.compress.calibrate import (
     recalibrate_bn,
     split_batches,
 )
-from gslim.compress.greedy import planning_curves, run_greedy
+from gslim.compress.greedy import run_greedy
 from gslim.compress.greedy_loss import run_greedy_loss
+from gslim.compress.planning import TargetStore, planning_curves
 from gslim.compress.ranking import bn_scores, l1_scores, random_scores, ranking, uniform_scores
 from gslim.compress.selection import Criterion, Progress, SelectionRun, UnitReport
 from gslim.compress.shard import Shard
@@ -125,12 +126,15 @@ def compress_model(
 
     widths: Optional[dict[str, int]] = None
     eps, ratio, budget_info = cfg.eps, None, None
+    targets: Optional[TargetStore] = None
     if cfg.eps is None:
         cost = budget_mod.CostModel(work, graph, input_size, units)
         budget, lat_model = _budget(cfg, cost, latency, work, graph, units, input_size)
         allocation = cfg.allocation or "knapsack"  # measured better than eps: benchmarks/allocation.py
         if criterion.plans_from_curves:
-            curves = curves or planning_curves(original, graph, units, batches, cfg, gen, shard)
+            if curves is None:  # one pass: the curves, and the targets the selection fits to
+                targets = TargetStore()
+                curves = planning_curves(original, graph, units, batches, cfg, gen, shard, targets)
             if allocation == "knapsack":
                 widths = budget_mod.knapsack_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
                 eps = None
@@ -155,8 +159,11 @@ def compress_model(
                 "model": lat_model.describe(),
             }
 
-    run = SelectionRun(original, work, graph, units, batches, calib_y, cfg, widths, gen, progress, shard)
+    run = SelectionRun(
+        original, work, graph, units, batches, calib_y, cfg, widths, gen, progress, shard, targets
+    )
     reports = criterion.select(run)
+    del run, targets  # (the kept targets can be large)
 
     if cfg.bn_recalib:
         recalibrate_bn(work, batches, shard)
@@ -216,6 +223,7 @@ def _greedy(run: SelectionRun) -> list[UnitReport]:
         run.gen,
         run.progress,
         run.shard,
+        run.targets,
     )
 
 

@@ -52,6 +52,7 @@ class SelectionRun:
     gen: torch.Generator
     progress: Progress
     shard: Shard = field(default_factory=Shard)  # this torchrun rank's part of the calibration set
+    targets: Optional["TargetStore"] = None  # the original network's outputs kept by planning  # noqa: F821
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""The planning pass of the greedy criterion: one pass of the original network over the
+calibration images gives every unit's error-vs-width curve (for the budget allocation) and
+keeps the original network's sampled consumer outputs (the re-fit targets), so the walk over
+the pruned network that follows never runs the original network again."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gslim.compress.calibrate import (
+    Hooks,
+    Sample,
+    StatsAccumulator,
+    consumer_rows,
+    kernel_group,
+    row_count,
+    row_fraction,
+    target_rows,
+    unit_columns,
+)
+from gslim.compress.omp import coarsen, greedy_select, per_channel_curve, prediction_error_curve
+from gslim.compress.selection import PLANNING_FLOOR
+from gslim.compress.shard import SINGLE, Shard
+from gslim.compress.units import Unit, UnitGraph
+from gslim.recipe import CompressConfig
+
+# The kept targets may take at most this many bytes; past it they are dropped and the walk
+# runs the original network instead (the same result, one more pass).
+TARGET_STORE_BYTES = 2 << 30
+
+
+def max_rows(cfg: CompressConfig, mod: nn.Module, channels: int) -> int:
+    # enough positions for a well-posed fit (16 per unknown), capped for speed
+    return min(cfg.max_positions, max(16 * channels * kernel_group(mod), 4096))
+
+
+class TargetStore:
+    """The original network's output rows at each reader of each unit, per batch, with the
+    sample (rows, held-out mask) they were taken at: what the selection fits each consumer to.
+
+    Readers are keyed by (unit, layer). ``complete`` is False once the byte cap was passed
+    (everything is dropped then: a walk cannot use part of it)."""
+
+    def __init__(self, cap_bytes: Optional[int] = None):
+        self.cap = TARGET_STORE_BYTES if cap_bytes is None else cap_bytes
+        self.rows: dict[tuple[str, str], list[tuple[Sample, torch.Tensor]]] = {}
+        self.bytes = 0
+        self.complete = True
+
+    def add(self, key: tuple[str, str], sample: Sample, Y: torch.Tensor) -> None:
+        if not self.complete:
+            return
+        self.bytes += Y.numel() * Y.element_size()
+        if self.bytes > self.cap:
+            self.complete, self.rows = False, {}
+            return
+        self.rows.setdefault(key, []).append((sample, Y))
+
+    def get(self, key: tuple[str, str]) -> Optional[list[tuple[Sample, torch.Tensor]]]:
+        return self.rows.get(key) if self.complete else None
+
+
+def planning_curves(
+    original: nn.Module,
+    graph: UnitGraph,
+    units: list[Unit],
+    batches: list[torch.Tensor],
+    cfg: CompressConfig,
+    gen: torch.Generator,
+    shard: Shard = SINGLE,
+    store: Optional[TargetStore] = None,
+) -> dict[str, list[float]]:
+    """Per-unit error-vs-width curves on the original network, from one pass over the data.
+
+    They only allocate the budget across units; the channels themselves are chosen afterwards
+    on the progressively pruned network. The in-sample greedy path is corrected to an estimate
+    of the error on new rows (:func:`prediction_error_curve`), so a unit with few rows per
+    unknown does not look free to cut. With ``store``, the same pass keeps the target rows of
+    every unit's consumers and SE squeeze convs (``pointwise_readers``) for the selection.
+    """
+    mods = dict(original.named_modules())
+    accs: dict[tuple[str, str], StatsAccumulator] = {}
+    captured: dict[tuple[str, str], torch.Tensor] = {}
+    n_images = shard.images(batches)
+
+    def sampler(key: tuple[str, str], m: nn.Module, out: torch.Tensor, width: int) -> StatsAccumulator:
+        if key not in accs:  # the held-out share is drawn as the selection will use it
+            frac = row_fraction(m, out.shape, n_images, max_rows(cfg, m, width))
+            accs[key] = StatsAccumulator(frac, gen, shard=shard)
+        return accs[key]
+
+    with Hooks() as hooks:
+        for u in units:
+            for c in u.consumers:
+                mod = mods[c]
+
+                def pre(m, args, c=c, u=u):  # (a layer on a concatenation reads several units)
+                    captured[u.name, c] = args[0]
+
+                def post(m, args, out, c=c, u=u):
+                    key = (u.name, c)
+                    acc = sampler(key, m, out, u.width)
+                    # taken inside the hook: an in-place op after the consumer cannot reach it
+                    sample = acc.draw(row_count(m, out))
+                    Y = target_rows(m, out, sample.pick)
+                    if store is not None:
+                        store.add(key, sample, Y)
+                    X = consumer_rows(m, captured.pop(key), sample.pick)
+                    X, Yu = unit_columns(m, u, c, original, X, Y, u.width)
+                    acc.add(X, Yu, None)  # the curve fits on every sampled row
+
+                hooks.pre(mod, pre)
+                hooks.post(mod, post)
+            if store is None:
+                continue
+            for c in pointwise_readers(u, mods):
+
+                def keep(m, args, out, c=c, u=u):
+                    sample = sampler((u.name, c), m, out, u.width).draw(row_count(m, out))
+                    store.add((u.name, c), sample, target_rows(m, out, sample.pick))
+
+                hooks.post(mods[c], keep)
+        with torch.no_grad():
+            for x in batches:
+                original(x)
+    curves = {}
+    for u in units:
+        stats = [coarsen(accs[(u.name, c)].result(kernel_group(mods[c])), u.atom) for c in u.consumers]
+        # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
+        _, path = greedy_select(stats, eps=PLANNING_FLOOR, ridge=cfg.ridge)
+        curve = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
+        curves[u.name] = per_channel_curve(curve, u.atom)
+    return curves
+
+
+def pointwise_readers(u: Unit, mods: dict[str, nn.Module]) -> list[str]:
+    """The 1x1 convs (or Linears) inside ``u`` that read its channels: an SE block's squeeze."""
+    return [c for c in u.inner_readers if is_pointwise(mods[c])]
+
+
+def is_pointwise(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or (
+        isinstance(mod, nn.Conv2d) and kernel_group(mod) == 1 and mod.groups == 1
+    )
