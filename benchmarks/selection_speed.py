@@ -1,6 +1,6 @@
 """Selection speed at ImageNet size: gslim greedy vs greedy-loss vs Torch-Pruning, at 50% MACs.
 
-    python benchmarks/selection_speed.py [--archs mobilenet_v2,mobilenet_v3_large,resnet50]
+    python benchmarks/selection_speed.py [--archs mobilenet_v2,mobilenet_v3_large,resnet18,resnet50,vgg11_bn]
         [--images 256] [--size 224] [--budget 50%] [--max-seconds 300] [--max-memory-gb 8]
 
 Models have random weights and 1000 classes (selection cost does not depend on what the
@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import budget_fraction, log, tp_available, tp_prune  # noqa: E402
 
-DEFAULT_ARCHS = "mobilenet_v2,mobilenet_v3_large,resnet50"
+DEFAULT_ARCHS = "mobilenet_v2,mobilenet_v3_large,resnet18,resnet50,vgg11_bn"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

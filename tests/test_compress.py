@@ -348,3 +348,20 @@ def test_a_space_split_by_chunk_is_left_alone_with_its_reason():
     r = compress_model(model, 16, x, None, CompressConfig(eps=0.5, bn_recalib=False))
     with torch.no_grad():
         assert r.model(x[:2]).shape == (2, 4)
+
+
+def test_a_consumer_with_few_rows_and_many_outputs_follows_the_same_path_on_its_thin_cross_term():
+    torch.manual_seed(0)
+    C, outs, N = 40, 64, 12  # 12 rows (a Linear at 12 images), 64 outputs: B has rank <= 12
+    X = torch.randn(N, C, dtype=torch.float64)
+    Y = X @ torch.randn(C, outs, dtype=torch.float64) + 0.1 * torch.randn(N, outs, dtype=torch.float64)
+    st = Stats(X.T @ X, X.T @ Y, float((Y**2).sum()), 1, rows=N)
+    thin = omp.thin_cross(st.B, st.rows)
+    assert thin.shape[1] < outs
+    torch.testing.assert_close(thin @ thin.T, st.B @ st.B.T, rtol=1e-10, atol=1e-10)
+    order, path = greedy_select([st], k=30, ridge=1e-2)
+    full_order, full_path = greedy_select(
+        [Stats(st.G, st.B, st.yy, 1, rows=0)], k=30, ridge=1e-2
+    )  # (B whole)
+    assert order == full_order
+    assert path == pytest.approx(full_path, abs=1e-12)

@@ -158,6 +158,8 @@ def run_greedy(
                 k = widths.get(u.name, u.width) if widths is not None else None
                 width = u.width
                 reports.append(_select_unit(sel, u, k, walk.run_for(u)))
+                if sel.targets is not None:
+                    sel.targets.release(u.name)
                 walk.unit_done(u, width, sorted(reports[-1].order))
                 done += 1
                 if progress:
@@ -174,6 +176,8 @@ def run_greedy(
         for u in residual:
             k = widths.get(u.name, u.width) if widths is not None else None
             reports.append(_select_unit(sel, u, k, run_whole))
+            if sel.targets is not None:
+                sel.targets.release(u.name)
             done += 1
             if progress:
                 progress(u.name, done, len(units))

@@ -66,7 +66,7 @@ class _GroupOmpState:
         self.g, self.C = g, F // g
         lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
         self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype, device=st.G.device)
-        self.c = st.B.clone()
+        self.c = thin_cross(st.B, st.rows)
         idx = torch.arange(self.C, device=st.G.device)
         blocks = self.Gr.view(self.C, g, self.C, g)[idx, :, idx, :]  # (C, g, g) diagonal blocks
         self.R = blocks.clone()
@@ -111,6 +111,29 @@ class _GroupOmpState:
             block = self.V[:, self.folded * g : self.k * g]
             self.Gr.addmm_(block, block.T, alpha=-1)
             self.folded = self.k
+
+
+def thin_cross(B: torch.Tensor, rows: int) -> torch.Tensor:
+    """A matrix B~ with B~ B~^T = B B^T and at most about ``rows`` columns (a copy of B where
+    that would not be much narrower).
+
+    The greedy path (every score and every error) depends on B only through B B^T, and
+    B = X^T Y has rank at most the number of rows. A consumer with many outputs and few rows
+    (a Linear reads one row per image: VGG's 4,096-wide classifier at 128 images) then carries
+    an F x O residual through every step for a rank-``rows`` content. B~ = Q L, with Q an
+    orthonormal basis of B's range (from B times a seeded Gaussian sketch, exact when the rank
+    is at most the sketch's width) and L L^T = Q^T B B^T Q.
+    """
+    features, outputs = B.shape
+    width = rows + 16 if rows else outputs
+    if width > outputs // 2 or width > features:
+        return B.clone()
+    sketch = torch.randn(outputs, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Q, _ = torch.linalg.qr(B @ sketch.to(B.device))  # (F, width): B's range, rank <= rows
+    P = Q.T @ B
+    # L L^T = P P^T; eigh rather than Cholesky: P P^T is singular where the rank is below width
+    vals, vecs = torch.linalg.eigh(P @ P.T)
+    return Q @ (vecs * vals.clamp_min(0.0).sqrt())
 
 
 def greedy_select(
@@ -178,8 +201,12 @@ def refit(st: Stats, keep: list[int], ridge: float = 1e-3) -> tuple[torch.Tensor
     G = st.G[cols][:, cols]
     B = st.B[cols]
     lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
-    W = torch.linalg.solve(G + lam * torch.eye(len(cols), dtype=G.dtype, device=G.device), B)
-    err = st.yy - 2.0 * float((W * B).sum()) + float((W * (G @ W)).sum())
+    Gr = G.add_(torch.eye(len(cols), dtype=G.dtype, device=G.device), alpha=lam)  # (G is a copy)
+    L, info = torch.linalg.cholesky_ex(Gr)  # SPD with a ridge: Cholesky, half of an LU solve's work
+    W = torch.cholesky_solve(B, L) if int(info) == 0 else torch.linalg.solve(Gr, B)
+    # the error without the ridge term, from (G + lam I) W = B: <W, G W> = <W, B> - lam ||W||^2
+    # (no k x k x O product: a 1,040-channel Linear with 4,096 outputs spent seconds there)
+    err = st.yy - float((W * B).sum()) - lam * float(W.pow(2).sum())
     return W, max(err, 0.0) / (st.yy or 1.0)
 
 

@@ -62,6 +62,11 @@ class TargetStore:
     def get(self, key: tuple[str, str]) -> Optional[list[tuple[Sample, torch.Tensor]]]:
         return self.rows.get(key) if self.complete else None
 
+    def release(self, unit: str) -> None:
+        """Free a unit's rows (its selection is done)."""
+        for key in [k for k in self.rows if k[0] == unit]:
+            del self.rows[key]
+
 
 def planning_curves(
     original: nn.Module,
