@@ -436,12 +436,11 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard =
     def pre(m, args):
         x = args[0]
         n = x.numel() // x.shape[1]
-        # The layer normalises the batch with the batch's own statistics (training mode, this
-        # layer only), and with momentum 1 its running buffers become exactly that batch's mean
-        # and unbiased variance, computed by the layer's own kernel (float64 accumulation on
-        # CPU): reading them back in ``post`` costs nothing, where summing a float64 copy of
-        # the input cost 1.7x the layer itself. A batch with one value per channel cannot be
-        # normalised by itself: it uses the statistics the layer came with and is summed here.
+        # The layer normalises the batch with its own statistics (training mode, this layer
+        # only); with momentum 1 its running buffers become exactly that batch's mean and
+        # unbiased variance: read back in ``post`` for nothing, where summing a float64 copy of
+        # the input cost 1.7x the layer. A batch with one value per channel cannot normalise
+        # itself: it uses the statistics the layer came with and is summed here.
         m.training = n > 1
         if n <= 1:
             m.running_mean.copy_(saved[m][0])
