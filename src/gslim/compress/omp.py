@@ -56,8 +56,8 @@ class _GroupOmpState:
     #: ... a longer one from when the basis has this share ...
     FOLD_FROM = 0.25
     #: ... then every time this many more basis columns have been added. Measured on a
-    #: 4,608-column Gram (ResNet's 512-channel 3x3 consumers), full path: 12.3 s left-looking,
-    #: 6.5 s folding from a quarter in blocks of 288 columns (one thread).
+    #: 4,608-column Gram (ResNet's 512-channel 3x3 consumers), full path, one thread: 12.8 s
+    #: left-looking, 7.0 s folding from a quarter in blocks of 261 columns (29 groups of 9).
     FOLD_COLUMNS = 256
 
     def __init__(self, st: Stats, ridge: float, capacity: int):
