@@ -117,6 +117,11 @@ class _Selection:
                 hooks.post(self.omods[c], lambda m, a, o, c=c: post(m, a, o, c))
             hooks.pre(self.wmods[c], lambda m, a, c=c: pre(m, a, c))
 
+    def finished(self, u: Unit) -> None:
+        """``u`` is selected: its kept targets are not needed any more."""
+        if self.targets is not None:
+            self.targets.release(u.name)
+
     @property
     def needs_original(self) -> bool:
         """Whether the walk must run the original network (its targets were not kept)."""
@@ -158,8 +163,7 @@ def run_greedy(
                 k = widths.get(u.name, u.width) if widths is not None else None
                 width = u.width
                 reports.append(_select_unit(sel, u, k, walk.run_for(u)))
-                if sel.targets is not None:
-                    sel.targets.release(u.name)
+                sel.finished(u)
                 walk.unit_done(u, width, sorted(reports[-1].order))
                 done += 1
                 if progress:
@@ -176,8 +180,7 @@ def run_greedy(
         for u in residual:
             k = widths.get(u.name, u.width) if widths is not None else None
             reports.append(_select_unit(sel, u, k, run_whole))
-            if sel.targets is not None:
-                sel.targets.release(u.name)
+            sel.finished(u)
             done += 1
             if progress:
                 progress(u.name, done, len(units))

@@ -143,10 +143,10 @@ def planning_curves(
 
 def pointwise_readers(u: Unit, mods: dict[str, nn.Module]) -> list[str]:
     """The 1x1 convs (or Linears) inside ``u`` that read its channels: an SE block's squeeze."""
-    return [c for c in u.inner_readers if is_pointwise(mods[c])]
+    return [c for c in u.inner_readers if _is_pointwise(mods[c])]
 
 
-def is_pointwise(mod: nn.Module) -> bool:
+def _is_pointwise(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) or (
         isinstance(mod, nn.Conv2d) and kernel_group(mod) == 1 and mod.groups == 1
     )
