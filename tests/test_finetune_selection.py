@@ -10,7 +10,7 @@ import torch
 from gslim.data import calibration_batch, make_dataset
 from gslim.holdout import BestKeeper, eval_steps, holdout_split
 from gslim.models import ModelSpec, build_model
-from gslim.recipe import DataConfig, FinetuneConfig
+from gslim.recipe import DataConfig, DistillConfig, FinetuneConfig
 from gslim.train import fit
 
 SIZE, CLASSES = 32, 4
@@ -241,7 +241,9 @@ def test_finetune_with_auto_lr_derives_it_from_the_base_and_keeps_it_on_resume(t
     rule = r.metrics["selection"]["lr"]
     assert rule["reference_lr"] == 0.4 and rule["gap_points"] is not None
     assert rule["factor"] in cfg.lr_probe_factors and rule["lr"] == pytest.approx(0.4 * rule["factor"])
-    assert [p["factor"] for p in rule["probe"]["points"]] == cfg.lr_probe_factors
+    # every factor with the recipe's distillation pair and with alpha 0.7, T 2 (the default probe)
+    tried = [(p["factor"], p["alpha"], p["temperature"]) for p in rule["probe"]["points"]]
+    assert tried == [(f, a, t) for f in cfg.lr_probe_factors for a, t in ((0.5, 4.0), (0.7, 2.0))]
     assert r.metrics["selection"]["teacher_holdout_top1"] is not None
     peak = scaled_lr(rule["lr"], 16)
     assert 0 < first["lr"] <= peak  # the schedule ran from the derived peak, before and after the resume
@@ -287,20 +289,45 @@ def test_auto_lr_probe_picks_the_factor_that_scores_best_and_leaves_no_trace(tmp
     spec = ModelSpec("mobilenet_v3_small", CLASSES, SIZE)
     ref = {"lr": 1.0, "optimizer": "sgd", "source": "test"}
 
-    def finetune(factors, out):
-        cfg = FinetuneConfig(epochs=1, device="cpu", holdout_evals_per_epoch=1, lr_probe_factors=factors)
-        model = _model()
-        r = fit(
-            model, spec, cfg, _data(), out, teacher=_model(), progress=False, quiet=True, lr_reference=ref
+    teacher = _model()
+
+    def finetune(factors, out, **kw):
+        cfg = FinetuneConfig(
+            epochs=1, device="cpu", holdout_evals_per_epoch=1, lr_probe_factors=factors, **kw
         )
+        model = _model()
+        r = fit(model, spec, cfg, _data(), out, teacher=teacher, progress=False, quiet=True, lr_reference=ref)
         return model, r.metrics["selection"]["lr"]
 
-    probed, rule = finetune([2000.0, 0.05], tmp_path / "probed")
+    pairs = [DistillConfig(alpha=0.7, temperature=2.0), DistillConfig(alpha=0.2, temperature=1.0)]
+    probed, rule = finetune([2000.0, 0.05], tmp_path / "probed", distill_probe=pairs)
     assert rule["factor"] == 0.05 and rule["lr"] == pytest.approx(0.05)
     points = rule["probe"]["points"]
-    assert [p["factor"] for p in points] == [2000.0, 0.05] and rule["probe"]["steps"] == 8
-    assert points[1]["holdout_loss"] < points[0]["holdout_loss"]
-    plain, plain_rule = finetune([0.05], tmp_path / "plain")
-    assert "probe" not in plain_rule and plain_rule["lr"] == rule["lr"]
+    assert rule["probe"]["steps"] == 8
+    # every factor with every distillation pair (the recipe's first), from the same start
+    tried = [(p["factor"], p["alpha"], p["temperature"]) for p in points]
+    assert tried == [(f, a, t) for f in (2000.0, 0.05) for a, t in ((0.5, 4.0), (0.7, 2.0), (0.2, 1.0))]
+    assert max(p["holdout_loss"] for p in points[3:]) < min(p["holdout_loss"] for p in points[:3])
+    best = max(points, key=lambda p: (p["holdout_top1"], -p["holdout_loss"]))
+    assert (rule["distill"]["alpha"], rule["distill"]["temperature"]) == (best["alpha"], best["temperature"])
+    chosen = DistillConfig(alpha=best["alpha"], temperature=best["temperature"])
+    plain, plain_rule = finetune([0.05], tmp_path / "plain", distill=chosen)
+    assert "probe" not in plain_rule and "distill" not in plain_rule and plain_rule["lr"] == rule["lr"]
     for name, tensor in plain.state_dict().items():
         assert torch.equal(tensor, probed.state_dict()[name]), name
+
+
+def test_a_resumed_finetune_distils_with_the_pair_its_probe_chose():
+    from types import SimpleNamespace
+
+    from gslim.train.finetune_lr import apply_lr_rule
+
+    cfg = FinetuneConfig()
+    rule = {"lr": 0.1, "distill": {"alpha": 0.7, "temperature": 2.0}}
+    run = SimpleNamespace(
+        lr_rule=rule, cfg=cfg, distill=cfg.distill, data=SimpleNamespace(batch_size=128),
+        info=SimpleNamespace(world_size=2),
+    )  # fmt: skip
+    apply_lr_rule(run)
+    assert (run.distill.alpha, run.distill.temperature) == (0.7, 2.0) and run.peak_lr == pytest.approx(0.1)
+    assert (cfg.distill.alpha, cfg.distill.temperature) == (0.5, 4.0)  # the recipe itself is unchanged

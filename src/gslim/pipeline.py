@@ -231,6 +231,10 @@ def finetune_summary(path: Path) -> dict[str, Any]:
         out["kept"] = (
             "start (one-shot model)" if sel.get("kept_start") else f"step {k['step']}"
         ) + f", holdout {k['holdout_top1']:.2f}% (start {start.get('holdout_top1', float('nan')):.2f}%)"
+        rule = sel.get("lr") or {}
+        if rule.get("distill"):  # what the held-out probe chose (gslim.train.finetune_lr)
+            d = rule["distill"]
+            out["kept"] += f"; lr {rule['lr']:.3g}, distillation alpha {d['alpha']:g}, T {d['temperature']:g}"
     return out
 
 

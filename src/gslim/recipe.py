@@ -105,6 +105,11 @@ class FinetuneConfig(TrainConfig):
         0.0, ge=0.0, description="no warm-up by default: the start is a trained model, not a random one"
     )
     distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)
+    distill_probe: list[DistillConfig] = Field(
+        default_factory=lambda: [DistillConfig(alpha=0.7, temperature=2.0)],
+        description="with lr 'auto' and distillation on: other (alpha, temperature) pairs probed at the "
+        "chosen lr; the one that scores best on the held-out images is used ([]: distill as given)",
+    )
     holdout_images: int = Field(
         5000,
         ge=0,
@@ -451,12 +456,8 @@ def load_recipe(path: str | Path | None, overrides: Optional[dict[str, Any]] = N
     """Read, override (dotted keys) and validate a recipe. ``path=None`` gives the defaults."""
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise GslimError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
-    if overrides:
-        data = apply_overrides(data, overrides)
+    if overrides and isinstance(data or {}, dict):  # parse_recipe refuses anything but a mapping
+        data = apply_overrides(data or {}, overrides)
     return parse_recipe(data, source)
 
 

@@ -50,7 +50,7 @@ from gslim.train.distributed import (
     unwrap,
 )
 from gslim.train.evaluate import evaluate
-from gslim.train.finetune_lr import is_auto, resolve_auto_lr
+from gslim.train.finetune_lr import apply_lr_rule, is_auto, resolve_auto_lr
 from gslim.train.loaders import iterate_batches, train_loader, val_loader
 from gslim.train.optim import amp_dtype_for, autocast, build_optimizer, distill_loss, lr_at_step, scaled_lr
 from gslim.train.selection import HoldoutRun, training_split
@@ -284,7 +284,7 @@ def _resolve_auto_lr(run: TrainRun) -> None:
     if run.lr_rule is None:
         resolve_auto_lr(run, _optimizer_step)
         run.say(f"{run.description}: lr auto = {run.lr_rule['lr']:.4g} at batch 256 ({run.lr_rule['why']})")
-    run.peak_lr = scaled_lr(run.lr_rule["lr"], run.data.batch_size * run.info.world_size)
+    apply_lr_rule(run)  # the peak lr, and the distillation the probe chose (also on a resume)
 
 
 def _train_epoch(run: TrainRun, epoch: int) -> tuple[torch.Tensor, float, float]:
