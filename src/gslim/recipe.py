@@ -37,9 +37,7 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     kind: Literal["fashion-mnist", "imagefolder", "synthetic"] = "fashion-mnist"
-    root: Optional[str] = Field(
-        None, description="dataset directory; fashion-mnist defaults to Debian's path"
-    )
+    root: Optional[str] = Field(None, description="dataset directory (fashion-mnist: Debian's by default)")
     batch_size: int = Field(128, ge=1)
     eval_batch_size: Optional[int] = Field(None, ge=1)
     workers: int = Field(2, ge=0)
@@ -107,8 +105,8 @@ class FinetuneConfig(TrainConfig):
     distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)
     distill_probe: list[DistillConfig] = Field(
         default_factory=lambda: [DistillConfig(alpha=0.7, temperature=2.0)],
-        description="with lr 'auto' and distillation on: other (alpha, temperature) pairs probed at the "
-        "chosen lr; the one that scores best on the held-out images is used ([]: distill as given)",
+        description="with lr 'auto' and distillation on: other (alpha, temperature) pairs probed with "
+        "every lr factor; the best on the held-out images is used ([]: distill as given)",
     )
     holdout_images: int = Field(
         5000,

@@ -160,7 +160,8 @@ def finetune_cmd(
         "--lr",
         help="Peak learning rate at batch 256, or 'auto' (the default): the base's training lr times the "
         "factor of finetune.lr_probe_factors (0.5, 0.2, 0.08) that scores best on the held-out images "
-        "after a short probe fine-tune each (finetune.lr).",
+        "after a short probe fine-tune each, tried with the recipe's distillation alpha/T and each pair "
+        "of finetune.distill_probe (alpha 0.7, T 2); the best pair is used too (finetune.lr).",
     ),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Output directory (default runs/NAME)."),
     output: str = typer.Option("finetuned.pt", "--output", help="File name of the result in RUN_DIR."),

@@ -15,7 +15,8 @@ factor) the first factor is used unmeasured.
 With distillation on, the distillation pair (alpha, temperature) is chosen the same way: every
 factor is probed with the recipe's pair and with each pair of ``finetune.distill_probe``, and the
 best combination on the held-out images is the fine-tune's (the recipe's pair, and the earlier
-factor, on a tie). No one pair suits every start (BENCHMARKS.md, "Distillation pair"): alpha 0.5,
+factor, on a tie). No one pair suits every start (BENCHMARKS.md, "the distillation pair chosen by
+the probe"): alpha 0.5,
 T 4 ended higher on the demo's greedy models (+0.18 to +0.56 on the test set) and alpha 0.7, T 2
 on a magnitude-pruned MobileNetV2 that starts at 18% (+1.5 over two seeds); in those cells the
 held-out probe ranked the pairs as the test set did. Both at once rather than one after the other:
