@@ -841,3 +841,27 @@ def test_same_recipe_and_seed_give_the_same_selection(ckpts, recipe, run_cli, tm
     assert a["widths"] == b["widths"]
     wa, wb = _weights(tmp_path / "a" / "slim.pt"), _weights(tmp_path / "b" / "slim.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_run_killed_between_its_state_and_its_log_line_resumes_with_every_epoch_logged(
+    make_recipe, run_cli, tmp_path, one_thread, monkeypatch
+):
+    """The epoch's state is written before its log line: a kill between the two (seen under load in
+    the SIGKILL test above) must not leave the resumed run's log without that epoch."""
+    import gslim.train.loop as loop
+
+    recipe = make_recipe({"model.arch": ARCH, "train.epochs": 2, "data.synthetic_train": 64})
+    real_append = loop.append_jsonl
+
+    def killed_after_the_state(obj, path):
+        raise KeyboardInterrupt  # last.pt of epoch 1 is on disk, its log line is not
+
+    monkeypatch.setattr(loop, "append_jsonl", killed_after_the_state)
+    assert run_cli(["train", recipe, "--no-progress"]).code != 0  # the CLI reports the interrupt
+    run = tmp_path / "run"
+    assert (run / "last.pt").is_file() and not (run / "train_log.jsonl").exists()
+    monkeypatch.setattr(loop, "append_jsonl", real_append)
+    resumed = run_cli(["train", recipe, "--resume", "--no-progress"])
+    assert resumed.code == 0, resumed.stderr
+    lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2] and lines[0]["val_top1"] is not None

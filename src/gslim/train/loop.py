@@ -225,7 +225,7 @@ def _resume_or_start(run: TrainRun, resume: bool) -> None:
         if "rng" in state:
             set_rng_state(state["rng"])
         if main:
-            truncate_log(run.log_path, run.start_epoch)
+            truncate_log(run.log_path, run.start_epoch, run.metrics)
         run.say(
             f"resuming {run.description} from {run.last_path} after epoch {run.start_epoch}/{run.cfg.epochs}"
         )

@@ -108,20 +108,25 @@ def load_train_state(path: Path, spec: ModelSpec, signature: dict) -> dict:
     return state
 
 
-def truncate_log(path: Path, last_epoch: int) -> None:
-    """Keep only the log lines of epochs that the resumed state has completed."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+def truncate_log(path: Path, last_epoch: int, last_metrics: Optional[dict] = None) -> None:
+    """Keep only the log lines of epochs that the resumed state has completed. The state is
+    written before its epoch's line is appended, so a run killed between the two lacks that
+    line: it is put back from the state's own metrics (``last_metrics``)."""
+    kept, epochs = [], set()
+    for line in path.read_text().splitlines() if path.is_file() else []:
         if not line.strip():
             continue
         try:
-            if int(json.loads(line).get("epoch", 0)) <= last_epoch:
-                kept.append(line)
+            epoch = int(json.loads(line).get("epoch", 0))
         except (ValueError, AttributeError):
             continue
-    atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
+        if epoch <= last_epoch:
+            kept.append(line)
+            epochs.add(epoch)
+    if last_metrics and last_metrics.get("epoch") == last_epoch and last_epoch not in epochs:
+        kept.append(json.dumps(last_metrics, default=str))  # as append_jsonl: tensors, paths as text
+    if kept or path.is_file():
+        atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
 
 
 # ----------------------------------------------------------------------------------------------
