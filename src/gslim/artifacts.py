@@ -79,10 +79,15 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, _write)
 
 
+def json_line(obj: Any) -> str:
+    """``obj`` as one JSON line (no newline), as :func:`append_jsonl` writes it."""
+    return json.dumps(obj, default=_json_default)
+
+
 def append_jsonl(obj: Any, path: str | os.PathLike) -> None:
     """Append one JSON line. Lines are small and flushed, so a crash loses at most the last line."""
     p = Path(path)
-    line = json.dumps(obj, default=_json_default) + "\n"
+    line = json_line(obj) + "\n"
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "a") as fh:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from gslim.artifacts import atomic_write, check_output_dir, load_torch, refuse_overwrite
+from gslim.artifacts import atomic_write, check_output_dir, json_line, load_torch, refuse_overwrite
 from gslim.errors import GslimError
 from gslim.holdout import BestKeeper
 from gslim.models import ModelSpec
@@ -124,7 +124,7 @@ def truncate_log(path: Path, last_epoch: int, last_metrics: Optional[dict] = Non
             kept.append(line)
             epochs.add(epoch)
     if last_metrics and last_metrics.get("epoch") == last_epoch and last_epoch not in epochs:
-        kept.append(json.dumps(last_metrics, default=str))  # as append_jsonl: tensors, paths as text
+        kept.append(json_line(last_metrics))  # the line append_jsonl would have written
     if kept or path.is_file():
         atomic_write(path, lambda tmp: tmp.write_text("".join(k + "\n" for k in kept)))
 
