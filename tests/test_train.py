@@ -180,11 +180,11 @@ def test_fit_learns_and_writes_artifacts(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
     assert all(LOG_FIELDS <= set(x) for x in lines)
-    # an epoch's mean loss over 8 small batches is noisy (on an AVX-512 Xeon epoch 3 reads 0.856
-    # after 0.837, 0.798 while top-1 goes 28 -> 50 -> 100%): learning shows as a later epoch
-    # below the first, and as top-1 well above chance
-    assert min(x["train_loss"] for x in lines[1:]) < lines[0]["train_loss"]
-    assert lines[-1]["val_top1"] > 50.0  # 4 classes: chance is 25%
+    # an epoch's mean loss over 8 small batches is noisy and machine-dependent (an AVX-512 Xeon
+    # read 0.837, 0.798, 0.856; an AMD EPYC 0.830, 1.178, 1.098, while top-1 went 28 -> 45 -> 100%):
+    # learning shows as a last epoch below chance-level cross-entropy and top-1 well above chance
+    assert lines[-1]["train_loss"] < math.log(4)
+    assert lines[-1]["val_top1"] > max(50.0, lines[0]["val_top1"])  # 4 classes: chance is 25%
     assert lines[-1]["lr"] < lines[0]["lr"]
     assert res.metrics["val_top1"] == lines[-1]["val_top1"]
 
