@@ -19,6 +19,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from gslim.compress.bn_recalib import recalibrate_bn  # noqa: F401 - its long-standing import path
+from gslim.compress.dense_stats import dense_cross, dense_gram, explicit_padding, prefer_dense
 from gslim.compress.omp import Stats
 from gslim.compress.shard import SINGLE, ExactSum, Shard
 from gslim.compress.slim import column_offset
@@ -122,13 +124,6 @@ def unit_span(unit: Unit, node_index: dict[str, int], call_node: dict[str, str])
 # statistics of a consumer: rows are positions, columns are (channel, kernel offset)
 
 
-def explicit_padding(mod: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding the conv applies, also for ``padding='same'``."""
-    # nn.Conv2d keeps this for every padding spec (it is what it hands F.pad for non-zero
-    # modes), so 'same' with an even kernel gets its asymmetric split exactly as the conv does
-    return tuple(int(p) for p in mod._reversed_padding_repeated_twice)  # type: ignore[return-value]
-
-
 def _padded(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``x`` padded the way the conv pads it (zeros, reflect, replicate or circular)."""
     pad = explicit_padding(mod)
@@ -214,6 +209,18 @@ def target_rows(mod: nn.Module, y: torch.Tensor, pick: Optional[torch.Tensor] = 
     return _own(y, src)
 
 
+def target_map(mod: nn.Conv2d, y: torch.Tensor) -> torch.Tensor:
+    """The conv's whole output map without its bias (N, O, Ho, Wo), for dense statistics; a new
+    tensor, like :func:`target_rows`."""
+    return y - mod.bias.view(1, -1, 1, 1) if mod.bias is not None else y.clone()
+
+
+def batch_targets(mod: nn.Module, y: torch.Tensor, sample: "Sample") -> torch.Tensor:
+    """What a batch's sample keeps of the consumer's output: the sampled rows, or the whole map
+    where the statistics are dense."""
+    return target_map(mod, y) if sample.pick is None else target_rows(mod, y, sample.pick)
+
+
 def _own(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``t`` itself when it has its own memory, else a copy (a view of ``src`` could be
     overwritten by an in-place op on ``src``)."""
@@ -233,9 +240,10 @@ HOLDOUT_FRACTION = 0.2  # of the sampled rows, kept out of the fit to measure it
 
 class Sample(NamedTuple):
     """The rows one batch contributes: ``pick`` (indices into its rows) and, of those, the
-    ``held`` ones (a mask; None without a held-out share)."""
+    ``held`` ones (a mask; None without a held-out share). ``pick`` None: every row, through
+    dense statistics (:mod:`gslim.compress.dense_stats`); ``held`` then masks whole images."""
 
-    pick: torch.Tensor
+    pick: Optional[torch.Tensor]
     held: Optional[torch.Tensor]
 
 
@@ -257,8 +265,9 @@ class StatsAccumulator:
         generator: torch.Generator,
         holdout: float = HOLDOUT_FRACTION,
         shard: Optional[Shard] = None,
+        dense: bool = False,
     ):
-        self.fraction, self.holdout = fraction, holdout
+        self.fraction, self.holdout, self.dense = fraction, holdout, dense
         self.shard = shard or SINGLE
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         self.batches = 0  # batches drawn so far on this rank
@@ -266,11 +275,16 @@ class StatsAccumulator:
         self.held = _Sums()
         self.reduced = False
 
-    def draw(self, n: int) -> Sample:
-        """The sample of the next batch, which has ``n`` rows."""
+    def draw(self, n: int, images: int = 1) -> Sample:
+        """The sample of the next batch, which has ``n`` rows of ``images`` images."""
         index = self.shard.global_index(self.batches)
         self.batches += 1
         gen = torch.Generator().manual_seed((self.seed + index * 1_000_003) % (2**63 - 1))
+        if self.dense:  # every row; the held-out share is whole images (at least one is fitted)
+            held = torch.rand(images, generator=gen) < self.holdout if self.holdout > 0.0 else None
+            if held is not None and bool(held.all()):
+                held[0] = False
+            return Sample(None, held)
         if self.fraction >= 1.0:
             pick = torch.arange(n)
         else:
@@ -286,6 +300,22 @@ class StatsAccumulator:
         held = held.to(X.device)
         self.fit.add(X[~held], Y[~held])
         self.held.add(X[held], Y[held])
+
+    def add_dense(
+        self, mod: nn.Conv2d, x: torch.Tensor, Y: torch.Tensor, held: Optional[torch.Tensor]
+    ) -> None:
+        """Add a batch's every row: ``x`` the consumer's input, ``Y`` its target map (:func:`target_map`),
+        ``held`` the held-out images."""
+        if held is None:
+            self.fit.add_products(dense_gram(mod, x), dense_cross(mod, x, Y), Y, Y.numel() // Y.shape[1])
+            return
+        for sums, mask in ((self.fit, ~held), (self.held, held)):
+            if bool(mask.any()):
+                mask = mask.to(x.device)
+                xs, ys = x[mask], Y[mask]
+                sums.add_products(
+                    dense_gram(mod, xs), dense_cross(mod, xs, ys), ys, ys.numel() // ys.shape[1]
+                )
 
     def result(self, group: int) -> Stats:
         if self.fit.G is None:
@@ -350,6 +380,17 @@ class _Sums:
         self.yy.add(Y.double().pow(2).sum())
         self.rows += X.shape[0]
 
+    def add_products(self, G: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, rows: int) -> None:
+        """Add a batch's G and B computed elsewhere (float32, whole), with its targets ``Y``."""
+        if self.G is None:
+            self.G, self.B = G.double(), B.double()
+        else:
+            assert not self.upper_only, "whole Grams added to one kept as its upper blocks"
+            self.G.add_(G)
+            self.B.add_(B)
+        self.yy.add(Y.double().pow(2).sum())
+        self.rows += rows
+
     def _edges(self) -> list[int]:
         F = self.G.shape[0]
         n = 1 if F < 2 * self.BLOCK else -(-F // self.BLOCK)
@@ -380,6 +421,20 @@ def rows_per_image(mod: nn.Module, y_shape: torch.Size) -> int:
     return int(y_shape[-1] * y_shape[-2])
 
 
+def sampling(
+    mod: nn.Module,
+    x_shape: torch.Size,
+    y_shape: torch.Size,
+    images: int,
+    max_rows: int,
+    dense_ok: bool = True,
+) -> tuple[float, bool]:
+    """(fraction of rows to sample, whether to take every row through dense statistics instead):
+    dense where it costs less than the sample (``dense_ok``: the caller can use a whole Gram)."""
+    fraction = row_fraction(mod, y_shape, images, max_rows)
+    return fraction, dense_ok and prefer_dense(mod, tuple(x_shape), fraction, rows_per_image(mod, y_shape))
+
+
 def row_fraction(mod: nn.Module, y_shape: torch.Size, images: int, max_rows: int) -> float:
     """Fraction of positions to keep so that at most ``max_rows`` rows are used (from the
     consumer's *output* shape, which already accounts for stride, dilation and padding)."""
@@ -407,93 +462,6 @@ class Hooks:
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], shard: Shard = SINGLE) -> None:
-    """Re-estimate BatchNorm running statistics on calibration images, exactly.
-
-    The model runs in eval mode, so Dropout and StochasticDepth stay off and nothing but
-    the BatchNorm statistics changes. Each BatchNorm's per-batch mean and variance are pooled
-    in float64 over every image: the new running mean and variance are the statistics of all
-    calibration positions, each batch weighted by its size, and the variance is the pooled
-    one (not an average of per-batch variances, which is biased low). While the pass
-    runs, each BatchNorm normalises a batch with that batch's own statistics, as training
-    mode would, so the layers after it see inputs on the scale the new statistics describe;
-    a batch with a single value per channel (BatchNorm1d on one image) uses the running
-    statistics instead of failing. Across torchrun ranks (``shard``) the sums are all-reduced.
-    """
-    bns = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    if not bns:
-        return
-    # per channel: sum, sum of squares (each batch's in float64, summed exactly across batches
-    # and ranks: the same statistics in one process or many), positions
-    sums: dict[nn.Module, list] = {m: [ExactSum(), ExactSum(), 0] for m in bns}
-    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in bns}
-
-    def pre(m, args):
-        x = args[0]
-        n = x.numel() // x.shape[1]
-        # The layer normalises the batch with its own statistics (training mode, this layer
-        # only); with momentum 1 its running buffers become exactly that batch's mean and
-        # unbiased variance: read back in ``post`` for nothing, where summing a float64 copy of
-        # the input cost 1.7x the layer. A batch with one value per channel cannot normalise
-        # itself: it uses the statistics the layer came with and is summed here.
-        m.training = n > 1
-        if n <= 1:
-            m.running_mean.copy_(saved[m][0])
-            m.running_var.copy_(saved[m][1])
-            dims = [0] + list(range(2, x.dim()))
-            xd = x.double()
-            sums[m][0].add(xd.sum(dims))
-            sums[m][1].add(xd.pow(2).sum(dims))
-            sums[m][2] += n
-
-    def post(m, args, out):
-        x = args[0]
-        n = x.numel() // x.shape[1]
-        if n > 1:
-            mean, var = m.running_mean.double(), m.running_var.double()
-            acc = sums[m]
-            acc[0].add(mean * n)
-            acc[1].add(var * (n - 1) + mean.pow(2) * n)
-            acc[2] += n
-
-    was_training = model.training
-    model.eval()
-    counts = {m: m.num_batches_tracked.clone() for m in bns if m.num_batches_tracked is not None}
-    for m in bns:
-        m.momentum = 1.0
-    handles = [m.register_forward_pre_hook(pre) for m in bns] + [m.register_forward_hook(post) for m in bns]
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        for m, c in counts.items():
-            m.num_batches_tracked.copy_(c)
-        for m, (mean, var, momentum) in saved.items():
-            m.running_mean.copy_(mean)  # a layer never reached keeps what it had
-            m.running_var.copy_(var)
-            m.momentum = momentum
-    for m, (t1, t2, n) in sums.items():
-        if shard.enabled:
-            for t in (t1, t2):
-                if t.hi is None:  # this rank's batches did not reach the layer
-                    t.add(torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device))
-                shard.exact_sum_(t)
-            n = int(shard.sum_numbers([float(n)])[0])
-        if t1.hi is None or n < 2:
-            continue  # never reached (a branch the calibration images do not take)
-        s1, s2 = t1.value(), t2.value()
-        mean = s1 / n
-        var = (s2 - n * mean.pow(2)).clamp_min(0.0) / (n - 1)  # unbiased, as BatchNorm stores it
-        m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.to(m.running_var.dtype))
 
 
 def split_batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -17,14 +17,14 @@ from gslim.compress.calibrate import (
     Hooks,
     Segment,
     StatsAccumulator,
+    batch_targets,
     build_segments,
     consumer_rows,
     cut_points,
     kernel_group,
     row_count,
-    row_fraction,
+    sampling,
     split_segment,
-    target_rows,
     unit_columns,
     unit_span,
 )
@@ -90,14 +90,18 @@ class _Selection:
                 kept[c] = iter(rows)
 
         def post(m, args, out, c):
-            if c not in accs:
-                accs[c] = StatsAccumulator(
-                    row_fraction(m, out.shape, self.n_images, max_rows(self.cfg, m, u.width)),
-                    self.gen,
-                    shard=self.shard,
+            if c not in accs:  # dense statistics, as the planning pass decides on the same shapes
+                frac, dense = sampling(
+                    m,
+                    args[0].shape,
+                    out.shape,
+                    self.n_images,
+                    max_rows(self.cfg, m, u.width),
+                    c not in u.concat_before and c not in const,
                 )
-            sample = accs[c].draw(row_count(m, out))
-            pending[c] = (sample, target_rows(m, out, sample.pick))
+                accs[c] = StatsAccumulator(frac, self.gen, shard=self.shard, dense=dense)
+            sample = accs[c].draw(row_count(m, out), out.shape[0])
+            pending[c] = (sample, batch_targets(m, out, sample))
 
         def pre(m, args, c):
             if c in kept:
@@ -107,6 +111,9 @@ class _Selection:
                 sample, Y = pending.pop(c)
             if c in self.kept_rows:
                 Y = Y[:, self.kept_rows[c].to(Y.device)]
+            if sample.pick is None:
+                accs[c].add_dense(m, args[0], Y, sample.held)
+                return
             X, Y = unit_columns(m, u, c, self.work, consumer_rows(m, args[0], sample.pick), Y, u.width)
             if c in const:
                 X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], 1)

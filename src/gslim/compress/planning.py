@@ -14,10 +14,11 @@ from gslim.compress.calibrate import (
     Hooks,
     Sample,
     StatsAccumulator,
+    batch_targets,
     consumer_rows,
     kernel_group,
     row_count,
-    row_fraction,
+    sampling,
     target_rows,
     unit_columns,
 )
@@ -91,10 +92,12 @@ def planning_curves(
     captured: dict[tuple[str, str], torch.Tensor] = {}
     n_images = shard.images(batches)
 
-    def sampler(key: tuple[str, str], m: nn.Module, out: torch.Tensor, width: int) -> StatsAccumulator:
+    def sampler(
+        key: tuple[str, str], m: nn.Module, x: torch.Tensor, out: torch.Tensor, width: int, dense_ok: bool
+    ) -> StatsAccumulator:
         if key not in accs:  # the held-out share is drawn as the selection will use it
-            frac = row_fraction(m, out.shape, n_images, max_rows(cfg, m, width))
-            accs[key] = StatsAccumulator(frac, gen, shard=shard)
+            frac, dense = sampling(m, x.shape, out.shape, n_images, max_rows(cfg, m, width), dense_ok)
+            accs[key] = StatsAccumulator(frac, gen, shard=shard, dense=dense)
         return accs[key]
 
     with Hooks() as hooks:
@@ -107,13 +110,18 @@ def planning_curves(
 
                 def post(m, args, out, c=c, u=u):
                     key = (u.name, c)
-                    acc = sampler(key, m, out, u.width)
+                    x = captured.pop(key)
+                    # (a unit read inside a concatenation fits its own columns: sampled rows)
+                    acc = sampler(key, m, x, out, u.width, c not in u.concat_before)
                     # taken inside the hook: an in-place op after the consumer cannot reach it
-                    sample = acc.draw(row_count(m, out))
-                    Y = target_rows(m, out, sample.pick)
+                    sample = acc.draw(row_count(m, out), out.shape[0])
+                    Y = batch_targets(m, out, sample)
                     if store is not None:
                         store.add(key, sample, Y)
-                    X = consumer_rows(m, captured.pop(key), sample.pick)
+                    if sample.pick is None:
+                        acc.add_dense(m, x, Y, None)  # the curve fits on every row
+                        return
+                    X = consumer_rows(m, x, sample.pick)
                     X, Yu = unit_columns(m, u, c, original, X, Y, u.width)
                     acc.add(X, Yu, None)  # the curve fits on every sampled row
 
@@ -124,7 +132,7 @@ def planning_curves(
             for c in pointwise_readers(u, mods):
 
                 def keep(m, args, out, c=c, u=u):
-                    sample = sampler((u.name, c), m, out, u.width).draw(row_count(m, out))
+                    sample = sampler((u.name, c), m, args[0], out, u.width, False).draw(row_count(m, out))
                     store.add((u.name, c), sample, target_rows(m, out, sample.pick))
 
                 hooks.post(mods[c], keep)
