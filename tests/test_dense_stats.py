@@ -98,6 +98,20 @@ def _plain_net() -> nn.Module:
     return net.eval()
 
 
+def test_a_batch_without_held_out_images_still_starts_the_held_out_sums():
+    # under torchrun every rank all-reduces the held-out sums: a rank whose images were all
+    # fitted must hold zeros of the same shapes, not nothing (the ranks would wait on each other)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    acc = StatsAccumulator(1.0, torch.Generator().manual_seed(0), holdout=0.2, dense=True)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        acc.add_dense(conv, x, target_map(conv, conv(x)), torch.tensor([False, False]))
+    assert acc.held.G is not None and acc.held.G.shape == (27, 27) and acc.held.B.shape == (27, 5)
+    assert acc.held.rows == 0 and float(acc.held.G.abs().sum()) == 0.0
+    st = acc.result(9)
+    assert st.held is None and st.rows == 72
+
+
 def test_a_selection_on_dense_statistics_equals_one_on_every_row_sampled(monkeypatch):
     from gslim.compress import calibrate
     from gslim.compress.select import compress_model

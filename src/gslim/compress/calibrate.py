@@ -310,12 +310,13 @@ class StatsAccumulator:
             self.fit.add_products(dense_gram(mod, x), dense_cross(mod, x, Y), Y, Y.numel() // Y.shape[1])
             return
         for sums, mask in ((self.fit, ~held), (self.held, held)):
-            if bool(mask.any()):
-                mask = mask.to(x.device)
-                xs, ys = x[mask], Y[mask]
-                sums.add_products(
-                    dense_gram(mod, xs), dense_cross(mod, xs, ys), ys, ys.numel() // ys.shape[1]
-                )
+            mask = mask.to(x.device)
+            xs, ys = x[mask], Y[mask]
+            if xs.shape[0] == 0:  # zeros, still: under torchrun every rank all-reduces the same sums
+                F = x.shape[1] * kernel_group(mod)
+                sums.add_products(x.new_zeros(F, F), x.new_zeros(F, Y.shape[1]), ys, 0)
+                continue
+            sums.add_products(dense_gram(mod, xs), dense_cross(mod, xs, ys), ys, ys.numel() // ys.shape[1])
 
     def result(self, group: int) -> Stats:
         if self.fit.G is None:
