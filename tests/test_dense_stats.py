@@ -41,6 +41,7 @@ def test_dense_gram_and_cross_equal_those_of_the_unfolded_rows(kw, hw):
     assert float((G - X.T @ X).abs().max()) < 1e-5 * scale
     assert float((B - X.T @ Y).abs().max()) < 1e-5 * float((X.T @ Y).abs().max())
     assert torch.equal(G, G.T)
+    assert B.is_contiguous() and G.is_contiguous()  # laid out as X^T Y and X^T X are
 
 
 def test_dense_statistics_are_refused_where_they_would_not_be_exact():
