@@ -9,9 +9,10 @@ borders of the window. So G needs one C x C product per difference, (2k - 1)^2 /
 columns a window trims at the map's border (zero padding makes most of the border free). The
 cross term B = X^T Y is the gradient of the conv's weight: one backward-weight convolution.
 
-Measured (see BENCHMARKS.md): where the sampled statistics would keep more than about a third
-of the positions, this is cheaper than gathering and multiplying the sampled rows, and it uses
-all of them. :func:`dense_cost` and :func:`sampled_cost` let the caller choose.
+Measured (``benchmarks/dense_stats.py``, BENCHMARKS.md): 1.1-3.5x faster than gathering and
+multiplying every row, on late ResNet-sized maps. :func:`prefer_dense` takes it where a cost
+model (:func:`dense_cost`, :func:`sampled_cost`) says it costs at most half of the sample it
+replaces; it then uses every position, not a sample.
 """
 
 from __future__ import annotations
