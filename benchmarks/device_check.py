@@ -13,10 +13,19 @@ summarised in ``OUT/device_check.md``; a failed step does not stop the others:
 3. torch-cuda latency of base vs compressed, interleaved, FP32 and FP16, batch 1 and 32, CUDA
    graphs off and on (device time from CUDA events, the median);
 4. one epoch of distillation fine-tuning of the compressed MobileNetV2 with AMP and
-   channels_last on CUDA (synthetic images: the GPU machine has no dataset), its speed and loss.
+   channels_last on CUDA (synthetic images: the GPU machine has no dataset), its speed and loss;
+5. the same MobileNetV2 selection on the CPU: does the GPU choose the same channels (widths,
+   kept sets) and does its slim model compute the same outputs;
+6. a latency budget on torch-cuda (ResNet-50, 60% of the base, batch 32, FP16): the latency
+   table measured on the GPU, the closed loop, predicted vs measured, and a second run that
+   must take the table from the cache (both timed).
+
+The results file is rewritten after every step, so a run stopped at its time limit still
+returns what it measured.
 
 Dry mode uses 32 px, batch 1 and 2, a few calibration images and the CPU when there is no GPU
-(the torch-cuda rows then run on torch-cpu, FP32 only, and say so).
+(the torch-cuda rows then run on torch-cpu, FP32 only, and say so; the latency budget then runs
+MobileNetV2 on torch-cpu at batch 1).
 """
 
 from __future__ import annotations
@@ -42,8 +51,19 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--budget", type=float, default=0.5, help="MACs fraction for the greedy selection")
     ap.add_argument("--calib-images", type=int, default=128)
-    ap.add_argument("--seconds", type=float, default=1.0, help="timed seconds per model and setting")
+    ap.add_argument(
+        "--steps",
+        default="select,latency,finetune,agreement,budget",
+        help="which steps run (a rerun in a short lease can skip what it has)",
+    )
+    ap.add_argument(
+        "--latency-budget",
+        default=None,
+        help="the latency budget step's target (default 60%%; dry: 90%%, a 32-px model's floor is ~75%%)",
+    )
+    ap.add_argument("--seconds", type=float, default=0.5, help="timed seconds per model and setting")
     a = ap.parse_args(argv)
+    a.steps = set(a.steps.split(","))
     a.size = 32 if a.dry else 224
     a.batches = (1, 2) if a.dry else (1, 32)
     a.classes = 10 if a.dry else 1000
@@ -53,12 +73,21 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 class Steps:
-    """Runs named steps, recording each result or its failure; never stops at one."""
+    """Runs named steps, recording each result or its failure; never stops at one. With ``out``,
+    the results so far are written there after every step (a run cut short keeps them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: Optional[Path] = None) -> None:
         self.results: dict[str, Any] = {}
+        self.out = out
 
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    def save(self) -> None:
+        if self.out is not None:
+            tmp = self.out / "device_check.json.tmp"
+            tmp.write_text(json.dumps(self.results, indent=1, default=str))
+            tmp.replace(self.out / "device_check.json")
+
+    def run(self, name: str, fn: Callable[[], Any], record: Callable[[Any], Any] = lambda v: v) -> Any:
+        """``fn()``'s value; ``record(value)`` is what the results keep."""
         t0 = time.perf_counter()
         print(f"[device_check] {name} ...", flush=True)
         try:
@@ -66,7 +95,7 @@ class Steps:
             self.results[name] = {
                 "status": "ok",
                 "seconds": round(time.perf_counter() - t0, 2),
-                "result": value,
+                "result": record(value),
             }
             return value
         except Exception as exc:  # noqa: BLE001 - a check records any failure and goes on
@@ -79,6 +108,8 @@ class Steps:
             }
             print(f"[device_check] {name} FAILED: {line}", flush=True)
             return None
+        finally:
+            self.save()
 
 
 def device() -> torch.device:
@@ -204,8 +235,9 @@ def finetune(arch: str, base: torch.nn.Module, res: Any, a: argparse.Namespace) 
     model = copy.deepcopy(res.model)
     for p in model.parameters():
         p.requires_grad_(True)
+    # a fixed lr: an 'auto' lr would add its probe fine-tunes to the time (this measures speed)
     cfg = FinetuneConfig(
-        epochs=1, device="cuda" if torch.cuda.is_available() else "cpu", amp=True, channels_last=True
+        epochs=1, lr=0.01, device="cuda" if torch.cuda.is_available() else "cpu", amp=True, channels_last=True
     )
     images = 64 if a.dry else 2048
     data = DataConfig(
@@ -233,6 +265,7 @@ def finetune(arch: str, base: torch.nn.Module, res: Any, a: argparse.Namespace) 
         seconds = time.perf_counter() - t0
         log = [_json.loads(x) for x in (Path(tmp) / "train_log.jsonl").read_text().splitlines()]
     loss = log[-1].get("train_loss")
+    train_rate = log[-1].get("images_per_s")  # the training loop alone: no data making, no scoring
     if loss is None or loss != loss:
         raise RuntimeError(f"fine-tuning produced no finite loss: {log[-1]}")
     return {
@@ -240,11 +273,115 @@ def finetune(arch: str, base: torch.nn.Module, res: Any, a: argparse.Namespace) 
         "images": images,
         "seconds": round(seconds, 2),
         "images_per_s": round(images / seconds, 1),
+        "train_images_per_s": None if train_rate is None else round(train_rate, 1),
         "train_loss": loss,
         "val_top1": r.metrics.get("val_top1"),
         "amp": cfg.amp,
         "device": cfg.device,
         "channels_last": cfg.channels_last,
+    }
+
+
+def agreement(arch: str, base: torch.nn.Module, gpu: Any, a: argparse.Namespace) -> dict:
+    """The same selection on the CPU, from the same weights and images: the channels chosen and
+    the slim model's outputs compared with the GPU's."""
+    import copy
+
+    from gslim.compress.select import compress_model
+    from gslim.recipe import CompressConfig
+
+    gen = torch.Generator().manual_seed(2)  # the images select() drew
+    x = torch.randn(a.calib_images, 3, a.size, a.size, generator=gen)
+    cpu = compress_model(
+        copy.deepcopy(base).cpu(), a.size, x, None, CompressConfig(target_macs=a.budget), batch_size=64
+    )
+    g = {u.name: u for u in gpu.units}
+    same_width = sum(g[u.name].kept == u.kept for u in cpu.units if u.name in g)
+    overlap = [
+        len(set(g[u.name].order) & set(u.order)) / max(1, len(set(g[u.name].order) | set(u.order)))
+        for u in cpu.units
+        if u.name in g
+    ]
+    probe = torch.randn(8, 3, a.size, a.size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y_cpu = cpu.model.eval()(probe)
+        y_gpu = copy.deepcopy(gpu.model).cpu().eval()(probe)
+    rel = float((y_gpu - y_cpu).norm() / y_cpu.norm().clamp_min(1e-12))
+    return {
+        "arch": arch,
+        "units": len(cpu.units),
+        "same_width": same_width,
+        "mean_kept_set_jaccard": round(sum(overlap) / max(1, len(overlap)), 4),
+        "min_kept_set_jaccard": round(min(overlap, default=1.0), 4),
+        "widths_equal": cpu.widths == gpu.widths,
+        "output_rel_diff": rel,
+        "cpu_selection_s": round(cpu.seconds, 2),
+    }
+
+
+def latency_budget(a: argparse.Namespace, cache: Path) -> dict:
+    """A latency budget measured on the GPU (torch-cuda, FP16, batch 32; dry: torch-cpu), twice:
+    the second run must take every layer from the table the first one measured."""
+    import os
+    import shutil
+
+    from gslim.compress.select import compress_model
+    from gslim.compress.stage import compress_to_latency
+    from gslim.recipe import parse_recipe
+
+    cuda = torch.cuda.is_available()
+    arch = "resnet50" if cuda else "mobilenet_v2"
+    os.environ["GSLIM_CACHE"] = str(cache)  # a fresh table: the first run measures it
+    recipe = parse_recipe(
+        {
+            "model": {"arch": arch, "num_classes": a.classes, "input_size": a.size},
+            "compress": {
+                "target_latency": a.latency_budget or ("90%" if a.dry else "60%"),
+                "device": "cuda" if cuda else "cpu",
+                "latency": {
+                    "backend": "torch-cuda" if cuda else "torch-cpu",
+                    "batch": 32 if cuda else 1,
+                    "precision": "fp16" if cuda else "fp32",
+                },
+            },
+        }
+    )
+    model = base_model(arch, a)
+    x = torch.randn(a.calib_images // 2, 3, a.size, a.size, generator=torch.Generator().manual_seed(4))
+    x = x.to(device())
+    runs = []
+    for _ in range(2):
+        said: list[str] = []
+        t0 = time.perf_counter()
+
+        def run(latency=None, curves=None):
+            return compress_model(model, a.size, x, None, recipe.compress, latency=latency, curves=curves)
+
+        res, info = compress_to_latency(recipe, model, a.size, run, say=said.append)
+        runs.append(
+            {
+                "seconds": round(time.perf_counter() - t0, 2),
+                "table_measured_now": info["table"]["measured_now"],
+                "table_entries": info["table"]["entries"],
+                "rounds": len(info["rounds"]),
+                "budget_ms": info["budget_ms"],
+                "base_ms": info["base_ms"],
+                "measured_ms": info["measured_ms"],
+                "predicted_session_ms": info["predicted_session_ms"],
+                "prediction_error": info["prediction_error"],
+                "speedup": info["speedup"],
+                "said": said,
+            }
+        )
+    shutil.copyfile(info["table"]["path"], a.out / "latency_table.json")  # the table, to read
+    second = runs[1]["table_measured_now"]
+    if second:
+        raise RuntimeError(f"the second run measured {second} layer(s) again: the table was not reused")
+    return {
+        "arch": arch,
+        "backend": recipe.compress.latency.backend,
+        "budget": recipe.compress.target_latency,
+        "runs": runs,
     }
 
 
@@ -277,7 +414,7 @@ def markdown(results: dict) -> str:
     lat = [
         row
         for n, r in results.items()
-        if n.startswith("latency ") and r["status"] == "ok"
+        if n.startswith("latency ") and n != "latency budget" and r["status"] == "ok"
         for row in r["result"]
     ]
     if lat:
@@ -295,8 +432,31 @@ def markdown(results: dict) -> str:
     if ft:
         lines += [
             "",
-            f"Fine-tune (1 epoch, AMP, channels_last, {ft['device']}): {ft['images_per_s']} img/s, "
-            f"loss {ft['train_loss']:.3f}",
+            f"Fine-tune (1 epoch, AMP, channels_last, {ft['device']}): {ft['train_images_per_s']} img/s "
+            f"in the training loop ({ft['images_per_s']} img/s counting the synthetic data's making and "
+            f"the scoring), loss {ft['train_loss']:.3f}",
+        ]
+    agree = results.get("cpu agreement mobilenet_v2", {}).get("result")
+    if agree:
+        lines.append(
+            f"CPU vs GPU selection (MobileNetV2): {agree['same_width']}/{agree['units']} units the same "
+            f"width, kept sets' Jaccard mean {agree['mean_kept_set_jaccard']} (min "
+            f"{agree['min_kept_set_jaccard']}), slim outputs differ by {agree['output_rel_diff']:.2e} (relative)"
+        )
+    lb = results.get("latency budget", {}).get("result")
+    if lb:
+        lines += [
+            "",
+            f"Latency budget {lb['budget']} on {lb['backend']} ({lb['arch']}):",
+            "",
+            "| run | seconds | layers timed | rounds | base ms | budget ms | measured ms | predicted ms | error | speedup |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {i + 1} | {r['seconds']} | {r['table_measured_now']} | {r['rounds']} | {r['base_ms']:.3f} | "
+            f"{r['budget_ms']:.3f} | {r['measured_ms']:.3f} | {r['predicted_session_ms']:.3f} | "
+            f"{100 * r['prediction_error']:+.1f}% | {r['speedup']:.2f}x |"
+            for i, r in enumerate(lb["runs"])
         ]
     return "\n".join(lines) + "\n"
 
@@ -306,30 +466,42 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    steps = Steps()
+    steps = Steps(a.out)
     steps.run("context", lambda: context(a))
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in a.archs.split(","):
+        for arch in [x for x in a.archs.split(",") if x]:
             base = steps.run(f"build {arch}", lambda arch=arch: base_model(arch, a))
             if base is None:
                 continue
-            out = steps.run(f"select {arch}", lambda arch=arch, base=base: select(arch, base, a))
+            out = steps.run(
+                f"select {arch}", lambda arch=arch, base=base: select(arch, base, a), record=lambda v: v[0]
+            )
             if out is None:
                 continue
             _, res = out
-            steps.results[f"select {arch}"]["result"] = out[0]
             base_ckpt = save_checkpoint(base, ModelSpec(arch, a.classes, a.size), Path(tmp) / f"{arch}.pt")
             slim_ckpt = save_checkpoint(
                 res.model,
                 ModelSpec(arch, a.classes, a.size, widths=res.widths),
                 Path(tmp) / f"{arch}.slim.pt",
             )
-            steps.run(f"latency {arch}", lambda arch=arch, b=base_ckpt, s=slim_ckpt: latency(arch, b, s, a))
-            if arch == "mobilenet_v2":
+            if "latency" in a.steps:
+                steps.run(
+                    f"latency {arch}", lambda arch=arch, b=base_ckpt, s=slim_ckpt: latency(arch, b, s, a)
+                )
+            if arch == "mobilenet_v2" and "finetune" in a.steps:
                 steps.run(
                     f"finetune {arch}", lambda arch=arch, base=base, res=res: finetune(arch, base, res, a)
                 )
-    (a.out / "device_check.json").write_text(json.dumps(steps.results, indent=1, default=str))
+            if arch == "mobilenet_v2" and "agreement" in a.steps:
+                steps.run(
+                    f"cpu agreement {arch}",
+                    lambda arch=arch, base=base, res=res: agreement(arch, base, res, a),
+                )
+            del base, res
+        if "budget" in a.steps:
+            steps.run("latency budget", lambda: latency_budget(a, Path(tmp) / "cache"))
+    steps.save()
     (a.out / "device_check.md").write_text(markdown(steps.results))
     print(markdown(steps.results))
     failed = [n for n, r in steps.results.items() if r["status"] != "ok"]

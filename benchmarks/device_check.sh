@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of gslim in one run, for a lent GPU machine (see benchmarks/device_check.py).
 #
-#   OUT=/path/to/results bash benchmarks/device_check.sh          # on the GPU machine (< 8 min)
+#   OUT=/path/to/results bash benchmarks/device_check.sh          # on the GPU machine (< 9 min)
 #   OUT=/tmp/dc bash benchmarks/device_check.sh --dry             # every step on tiny inputs, CPU is fine
+#   GSLIM_DEVICE_TESTS=0 OUT=... bash benchmarks/device_check.sh --archs "" --steps budget   # a short rerun
 #
 # It needs only a bare GPU box's Python: torch with CUDA, torchvision, onnx, onnxruntime and
 # typer. gslim's other small dependencies travel as wheels in .whl/ (fetch them on the
@@ -25,5 +26,19 @@ fi
 if [ "${1:-}" != "--dry" ]; then
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi is not available" > "$OUT/nvidia-smi.txt"
 fi
-# 470 s: the whole check stays under 8 minutes, leaving room in a 10-minute call
-PYTHONUNBUFFERED=1 timeout 470 "$PY" benchmarks/device_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/device_check.log"
+# at most 360 s of checks, then 2 x 60 s of tests: under 9 minutes in a 10-minute call
+status=0
+PYTHONUNBUFFERED=1 timeout 360 "$PY" benchmarks/device_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/device_check.log" || status=$?
+if [ "${1:-}" != "--dry" ] && [ "${GSLIM_DEVICE_TESTS:-1}" != 0 ]; then
+  # the tests that need CUDA (marked gpu; they skip on CI's CPU machines), then the GPU-readiness
+  # file with CUDA present; TensorRT's tests skip with their reason where it is missing
+  tests=0
+  timeout 60 "$PY" -m pytest -q -p no:cacheprovider -rs tests -m gpu > "$OUT/pytest_gpu.txt" 2>&1 || tests=$?
+  timeout 60 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu_readiness.py -m "not slow" >> "$OUT/pytest_gpu.txt" 2>&1 || tests=$?
+  tail -n 20 "$OUT/pytest_gpu.txt"
+  if [ "$tests" != 0 ]; then
+    echo "[device_check] the GPU tests failed (exit $tests): see pytest_gpu.txt"
+    status=1
+  fi
+fi
+exit "$status"

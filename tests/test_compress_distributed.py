@@ -16,7 +16,7 @@ from conftest import tiny_recipe_dict
 from gslim.compress.shard import Shard
 from gslim.errors import GslimError
 from gslim.models import ModelSpec, build_model, load_model, save_checkpoint
-from gslim.recipe import load_recipe
+from gslim.recipe import CompressConfig, load_recipe
 from gslim.train.distributed import DistInfo
 
 CASES = {
@@ -117,6 +117,7 @@ def test_selection_on_cuda_is_refused_in_one_line_without_a_gpu(make_recipe, run
     assert not (tmp_path / "run" / "slim.pt").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_selection_on_cuda_meets_the_budget_and_writes_a_cpu_model(make_recipe, tmp_path):
     from gslim.compress.stage import compress_stage
@@ -133,3 +134,24 @@ def test_selection_on_cuda_meets_the_budget_and_writes_a_cpu_model(make_recipe, 
     assert next(model.parameters()).device.type == "cpu"
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_compress_model_on_cuda_computes_its_statistics_without_tf32(monkeypatch):
+    import gslim.compress.select as sel
+
+    seen = []
+    real = sel.find_units  # called once, before any statistics
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sel, "find_units", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    model = build_model("mobilenet_v2", 4).eval().cuda()
+    res = sel.compress_model(
+        model, 32, torch.randn(16, 3, 32, 32, device="cuda"), None, CompressConfig(target_macs=0.5)
+    )
+    assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32 is True and res.widths

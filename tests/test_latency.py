@@ -417,3 +417,25 @@ def test_cli_latency_budget_end_to_end_on_ort_cpu(tmp_path, monkeypatch, make_re
     assert {"budget_ms", "predicted_ms", "measured_ms", "prediction_error", "rounds", "table"} <= lat.keys()
     assert lat["table"]["measured_now"] > 0 and sel["budget"]["metric"] == "latency"
     assert lat["measured_ms"] <= lat["budget_ms"] * 1.5
+
+
+def test_layer_timings_use_deployment_tf32_defaults_whatever_the_caller_set():
+    from gslim.compress.latency_table import deployment_matmuls
+    from gslim.compress.select import exact_matmuls
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with exact_matmuls(torch.device("cuda")):  # the selection's setting (flags only: no GPU needed)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        with deployment_matmuls():
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, True)
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_torch_cuda_tables_are_timed_as_cuda_graphs_and_keyed_apart():
+    from gslim.compress.latency_table import LatencySettings, table_context, timing_graphs
+
+    assert timing_graphs(LatencySettings(backend="torch-cuda")) is True
+    assert timing_graphs(LatencySettings(backend="ort-cpu")) is None
+    assert table_context(LatencySettings(backend="torch-cuda")).get("cuda_graphs") is True
+    assert "cuda_graphs" not in table_context(LatencySettings(backend="torch-cpu"))

@@ -208,7 +208,7 @@ class LatencyConfig(_Section):
     backend: Optional[str] = Field(
         None,
         description="runtime timed (default: profile.backends[0] if it is an "
-        "ONNX or torch backend, else ort-cpu)",
+        "ONNX or torch backend, else ort-cpu); torch-cuda is timed as CUDA graphs",
     )
     batch: Optional[int] = Field(None, ge=1, description="batch size timed (default: profile.batch_sizes[0])")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: profile.threads)")

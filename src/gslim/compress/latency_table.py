@@ -6,6 +6,7 @@ rounds, medians) and, for the ONNX backends, gslim's ONNX export path."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -133,6 +134,7 @@ def table_context(settings: LatencySettings) -> dict[str, Any]:
         "precision": settings.precision,
         "batch": settings.batch,
         "threads": settings.threads if cls.device == "cpu" else None,
+        **({"cuda_graphs": True} if timing_graphs(settings) else {}),
     }
 
 
@@ -218,9 +220,28 @@ def _model_value(v: Any) -> Any:
     return float(v)
 
 
+@contextlib.contextmanager
+def deployment_matmuls():
+    """PyTorch's own TF32 defaults while timing (cuDNN convolutions may use TF32, matmuls may
+    not): the selection around a latency budget turns TF32 off for its statistics
+    (gslim.compress.select.exact_matmuls), and the timings must not inherit that."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def timing_graphs(settings: LatencySettings) -> Optional[bool]:
+    """CUDA graphs on for torch-cuda: one layer launched eagerly times the host's launch cost
+    (measured on an H200: MobileNetV2 at batch 1 took 11.2 ms eagerly and 0.71 ms as a graph),
+    which says nothing of the GPU's work; other backends keep their default."""
+    return True if settings.backend == "torch-cuda" else None
+
+
 def _time_layers(shapes: list[LayerShape], settings: LatencySettings) -> dict[str, float]:
     """Median milliseconds of each layer on the backend, all timed in one interleaved session."""
-    import contextlib
 
     from gslim.profiling.measure import MeasureSettings, measure_interleaved, median
     from gslim.runtime import BackendOptions, get_backend
@@ -235,7 +256,11 @@ def _time_layers(shapes: list[LayerShape], settings: LatencySettings) -> dict[st
         min_seconds=settings.min_seconds,
         rounds=settings.rounds,
     )
-    with tempfile.TemporaryDirectory(prefix="gslim-latency-") as tmp, contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="gslim-latency-") as tmp,
+        contextlib.ExitStack() as stack,
+        deployment_matmuls(),
+    ):
         runners = {}
         for i, s in enumerate(shapes):
             torch.manual_seed(i)
@@ -247,6 +272,7 @@ def _time_layers(shapes: list[LayerShape], settings: LatencySettings) -> dict[st
                 seed=i,
                 cache_dir=Path(tmp) / "trt_cache",
                 input_channels=s.cin,
+                cuda_graphs=timing_graphs(settings),
             )
             artifact = _artifact(module, s, settings, Path(tmp) / f"layer{i}")
             backend = cls(artifact, opts)
@@ -307,8 +333,6 @@ def measure_model(
     session (a slim model against its base: drift cancels); otherwise the model's ms, cached in
     ``table`` under :func:`model_key` when a table is given.
     """
-    import contextlib
-
     from gslim.profiling.measure import MeasureSettings, measure_interleaved, median
     from gslim.runtime import BackendOptions, get_backend
 
@@ -321,7 +345,11 @@ def measure_model(
         raise GslimError(f"latency backend {settings.backend} cannot run here: {reason}")
     models = {"model": model, **(others or {})}
     ms = MeasureSettings(warmup_s=0.5, min_iters=20, min_seconds=min_seconds, rounds=rounds)
-    with tempfile.TemporaryDirectory(prefix="gslim-latency-") as tmp, contextlib.ExitStack() as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="gslim-latency-") as tmp,
+        contextlib.ExitStack() as stack,
+        deployment_matmuls(),
+    ):
         runners = {}
         for label, m in models.items():
             opts = BackendOptions(
@@ -329,6 +357,7 @@ def measure_model(
                 fp16=settings.precision == "fp16",
                 input_size=input_size,
                 cache_dir=Path(tmp) / "trt_cache",
+                cuda_graphs=timing_graphs(settings),
             )
             s = LayerShape("conv", 3, 3, hw=(input_size, input_size))
             artifact = _artifact(_eval_copy(m), s, settings, Path(tmp) / label)

@@ -25,7 +25,9 @@ searches one eps for all units instead), the others by one uniform keep ratio.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -79,6 +81,35 @@ class CompressionResult:
         }
 
 
+@contextlib.contextmanager
+def exact_matmuls(device: torch.device):
+    """TF32 off on CUDA while the statistics and fits are computed: its 10-bit mantissa would
+    round the Grams' float32 products (and the convolutions that make the features) far below
+    what the float64 sums keep. The latency timings inside restore the deployment's defaults
+    (gslim.compress.latency_table.deployment_matmuls)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _without_tf32(fn):
+    """Runs ``fn(model, input_size, calib_x, ...)`` under :func:`exact_matmuls` for calib_x's device."""
+
+    @functools.wraps(fn)
+    def wrapped(model: nn.Module, input_size: int, calib_x: torch.Tensor, *args, **kwargs):
+        with exact_matmuls(calib_x.device):
+            return fn(model, input_size, calib_x, *args, **kwargs)
+
+    return wrapped
+
+
+@_without_tf32
 def compress_model(
     model: nn.Module,
     input_size: int,

@@ -7,7 +7,6 @@ finetune_stage(recipe, run_dir)                    # finetuned.pt (distilled fro
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -74,23 +73,6 @@ def compress_stage(
         cleanup_distributed(shard.info)
 
 
-@contextlib.contextmanager
-def exact_matmuls(device):
-    """TF32 off on CUDA while the statistics and fits are computed: its 10-bit mantissa would
-    round the Grams' float32 products far below what the float64 sums keep."""
-    import torch
-
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _compress_stage(
     recipe: Recipe,
     run_dir: Path,
@@ -127,7 +109,7 @@ def _compress_stage(
     x, y = x.to(shard.device), y.to(shard.device)
     torch.set_flush_denormal(True)  # denormals from near-dead channels slow CPU convs several-fold
     try:
-        with bar(progress, "selecting channels", None, unit="") as task, exact_matmuls(shard.device):
+        with bar(progress, "selecting channels", None, unit="") as task:
 
             def run(latency=None, curves=None):
                 result = compress_model(
