@@ -90,7 +90,8 @@ class FinetuneConfig(TrainConfig):
         "auto",
         description="peak learning rate at batch_size 256 (scaled linearly), or 'auto': the base's training "
         "lr (from its checkpoint when gslim trained it, else train.lr) times the factor of lr_probe_factors "
-        "that scores best on the held-out images after a short probe (gslim.train.finetune_lr)",
+        "chosen on the held-out images by short probes: the first factor unless another beats it on a "
+        "paired test at holdout_confidence (gslim.train.finetune_lr)",
     )
     lr_probe_factors: list[Annotated[float, Field(gt=0.0)]] = Field(
         [0.5, 0.2, 0.08],
