@@ -16,9 +16,10 @@ summarised in ``OUT/device_check.md``; a failed step does not stop the others:
    channels_last on CUDA (synthetic images: the GPU machine has no dataset), its speed and loss;
 5. the same MobileNetV2 selection on the CPU: does the GPU choose the same channels (widths,
    kept sets) and does its slim model compute the same outputs;
-6. a latency budget on torch-cuda (ResNet-50, 60% of the base, batch 32, FP16): the latency
-   table measured on the GPU, the closed loop, predicted vs measured, and a second run that
-   must take the table from the cache (both timed).
+6. a latency budget on torch-cuda (ResNet-50, 85% of the base, batch 32, FP16; its floor there
+   was 79.9% on an H200, the residual stream unpruned): the latency table measured on the GPU,
+   the closed loop, predicted vs measured, and a second run that must take the table from the
+   cache (both timed).
 
 The results file is rewritten after every step, so a run stopped at its time limit still
 returns what it measured.
@@ -59,7 +60,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument(
         "--latency-budget",
         default=None,
-        help="the latency budget step's target (default 60%%; dry: 90%%, a 32-px model's floor is ~75%%)",
+        help="the latency budget step's target (default 85%%; dry: 90%%, a 32-px model's floor is ~75%%)",
     )
     ap.add_argument("--seconds", type=float, default=0.5, help="timed seconds per model and setting")
     a = ap.parse_args(argv)
@@ -336,7 +337,7 @@ def latency_budget(a: argparse.Namespace, cache: Path) -> dict:
         {
             "model": {"arch": arch, "num_classes": a.classes, "input_size": a.size},
             "compress": {
-                "target_latency": a.latency_budget or ("90%" if a.dry else "60%"),
+                "target_latency": a.latency_budget or ("90%" if a.dry else "85%"),
                 "device": "cuda" if cuda else "cpu",
                 "latency": {
                     "backend": "torch-cuda" if cuda else "torch-cpu",

@@ -366,7 +366,7 @@ def test_another_distillation_pair_replaces_the_recipes_only_when_clearly_better
 
 def test_a_smaller_lr_factor_replaces_the_first_only_when_clearly_better():
     """A short probe favours a small lr; a few images' edge on the held-out slice does not move
-    the fine-tune off the first factor (the demo's 30% model: 0.08x chosen on a 10-image edge
+    the fine-tune off the first factor (the demo's 30% model: 0.08x chosen on an edge of a few images
     ended 0.29 below its start on the test set, 0.5x gained 1.70)."""
     from gslim.train.finetune_lr import _followed_probe
 
