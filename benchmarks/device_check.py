@@ -141,13 +141,18 @@ def base_model(arch: str, a: argparse.Namespace) -> torch.nn.Module:
     return model.eval()
 
 
+def calibration_images(a: argparse.Namespace) -> torch.Tensor:
+    """The selection's calibration images (on the CPU), the same for the GPU and CPU selections."""
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(a.calib_images, 3, a.size, a.size, generator=gen)
+
+
 def select(arch: str, model: torch.nn.Module, a: argparse.Namespace) -> tuple[dict, Any]:
     from gslim.compress.select import compress_model
     from gslim.models import count_macs_params
     from gslim.recipe import CompressConfig
 
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(a.calib_images, 3, a.size, a.size, generator=gen).to(device())
+    x = calibration_images(a).to(device())
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.no_grad():
         for chunk in x.split(64):  # warm-up (cuDNN autotuning, allocator)
@@ -291,10 +296,13 @@ def agreement(arch: str, base: torch.nn.Module, gpu: Any, a: argparse.Namespace)
     from gslim.compress.select import compress_model
     from gslim.recipe import CompressConfig
 
-    gen = torch.Generator().manual_seed(2)  # the images select() drew
-    x = torch.randn(a.calib_images, 3, a.size, a.size, generator=gen)
     cpu = compress_model(
-        copy.deepcopy(base).cpu(), a.size, x, None, CompressConfig(target_macs=a.budget), batch_size=64
+        copy.deepcopy(base).cpu(),
+        a.size,
+        calibration_images(a),
+        None,
+        CompressConfig(target_macs=a.budget),
+        batch_size=64,
     )
     g = {u.name: u for u in gpu.units}
     same_width = sum(g[u.name].kept == u.kept for u in cpu.units if u.name in g)
@@ -325,14 +333,12 @@ def latency_budget(a: argparse.Namespace, cache: Path) -> dict:
     the second run must take every layer from the table the first one measured."""
     import os
     import shutil
+    from unittest import mock
 
-    from gslim.compress.select import compress_model
-    from gslim.compress.stage import compress_to_latency
     from gslim.recipe import parse_recipe
 
     cuda = torch.cuda.is_available()
     arch = "resnet50" if cuda else "mobilenet_v2"
-    os.environ["GSLIM_CACHE"] = str(cache)  # a fresh table: the first run measures it
     recipe = parse_recipe(
         {
             "model": {"arch": arch, "num_classes": a.classes, "input_size": a.size},
@@ -350,7 +356,26 @@ def latency_budget(a: argparse.Namespace, cache: Path) -> dict:
     model = base_model(arch, a)
     x = torch.randn(a.calib_images // 2, 3, a.size, a.size, generator=torch.Generator().manual_seed(4))
     x = x.to(device())
-    runs = []
+    # a fresh table: the first run measures it (the variable is put back afterwards)
+    with mock.patch.dict(os.environ, {"GSLIM_CACHE": str(cache)}):
+        runs, info = _two_latency_runs(recipe, model, x, a)
+    shutil.copyfile(info["table"]["path"], a.out / "latency_table.json")  # the table, to read
+    second = runs[1]["table_measured_now"]
+    if second:
+        raise RuntimeError(f"the second run measured {second} layer(s) again: the table was not reused")
+    return {
+        "arch": arch,
+        "backend": recipe.compress.latency.backend,
+        "budget": recipe.compress.target_latency,
+        "runs": runs,
+    }
+
+
+def _two_latency_runs(recipe: Any, model: torch.nn.Module, x: torch.Tensor, a: argparse.Namespace):
+    from gslim.compress.select import compress_model
+    from gslim.compress.stage import compress_to_latency
+
+    runs: list[dict] = []
     for _ in range(2):
         said: list[str] = []
         t0 = time.perf_counter()
@@ -358,7 +383,7 @@ def latency_budget(a: argparse.Namespace, cache: Path) -> dict:
         def run(latency=None, curves=None):
             return compress_model(model, a.size, x, None, recipe.compress, latency=latency, curves=curves)
 
-        res, info = compress_to_latency(recipe, model, a.size, run, say=said.append)
+        _, info = compress_to_latency(recipe, model, a.size, run, say=said.append)
         runs.append(
             {
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -374,16 +399,7 @@ def latency_budget(a: argparse.Namespace, cache: Path) -> dict:
                 "said": said,
             }
         )
-    shutil.copyfile(info["table"]["path"], a.out / "latency_table.json")  # the table, to read
-    second = runs[1]["table_measured_now"]
-    if second:
-        raise RuntimeError(f"the second run measured {second} layer(s) again: the table was not reused")
-    return {
-        "arch": arch,
-        "backend": recipe.compress.latency.backend,
-        "budget": recipe.compress.target_latency,
-        "runs": runs,
-    }
+    return runs, info
 
 
 def markdown(results: dict) -> str:

@@ -220,17 +220,13 @@ def _model_value(v: Any) -> Any:
     return float(v)
 
 
-@contextlib.contextmanager
 def deployment_matmuls():
     """PyTorch's own TF32 defaults while timing (cuDNN convolutions may use TF32, matmuls may
     not): the selection around a latency budget turns TF32 off for its statistics
     (gslim.compress.select.exact_matmuls), and the timings must not inherit that."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    from gslim.runtime.cuda import tf32
+
+    return tf32(matmul=False, cudnn=True)
 
 
 def timing_graphs(settings: LatencySettings) -> Optional[bool]:

@@ -87,15 +87,10 @@ def exact_matmuls(device: torch.device):
     round the Grams' float32 products (and the convolutions that make the features) far below
     what the float64 sums keep. The latency timings inside restore the deployment's defaults
     (gslim.compress.latency_table.deployment_matmuls)."""
-    if device.type != "cuda":
+    from gslim.runtime.cuda import tf32
+
+    with tf32(matmul=False, cudnn=False) if device.type == "cuda" else contextlib.nullcontext():
         yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _without_tf32(fn):

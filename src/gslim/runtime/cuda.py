@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 from gslim.runtime.base import cuda_device_info, random_input
+
+
+@contextlib.contextmanager
+def tf32(matmul: bool, cudnn: bool):
+    """PyTorch's two TF32 switches set for the block, restored after it."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class CudaTimed:
