@@ -73,6 +73,31 @@ def test_tp_prune_meets_budget():
     assert all(p.grad is None for p in model.parameters())  # the base model is left untouched
 
 
+def test_planning_blocks_tiny():
+    """benchmarks/planning_blocks.py: the block paths take fewer steps than the exact one."""
+    args = ["--archs", "mobilenet_v2", "--images", "16", "--size", "32", "--rounds", "1", "--shares", "0.25"]
+    proc = _run(["benchmarks/planning_blocks.py", *args], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {
+        r.split("|")[2].strip(): r.split("|")
+        for r in proc.stdout.splitlines()
+        if r.startswith("| mobilenet_v2")
+    }
+    assert set(rows) == {"exact", "0.25"}
+    assert int(rows["0.25"][4]) < int(rows["exact"][4])  # steps
+    assert float(rows["exact"][5]) == 0.0  # (the exact path against itself)
+
+
+def test_selection_dispatch_tiny():
+    """benchmarks/selection_dispatch.py counts ops and host reads by the gslim function issuing them."""
+    args = ["--archs", "mobilenet_v2", "--images", "8", "--size", "32"]
+    proc = _run(["benchmarks/selection_dispatch.py", *args], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    total = next(r for r in proc.stdout.splitlines() if r.startswith("| all |")).split("|")
+    assert int(total[2].replace(",", "")) > 1000
+    assert "compress/omp.py:add" in proc.stdout
+
+
 def test_selection_speed_tiny(tmp_path):
     js = tmp_path / "speed.json"
     proc = _run(

@@ -1,4 +1,4 @@
-"""The greedy walk's shortcuts (compress/greedy.py, _SegmentWalk) change the cost, never the result.
+"""The greedy walk's shortcuts (compress/segment_walk.py) change the cost, never the result.
 
 After a unit's surgery the walk reruns only the segment's tail, from its consumer, on cached
 values with the dropped channels sliced off, and keeps the original segment's output from the
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from gslim.compress import calibrate, greedy, planning
+from gslim.compress import calibrate, planning, segment_walk
 from gslim.compress.select import compress_model
 from gslim.recipe import CompressConfig
 
@@ -42,7 +42,7 @@ def test_resuming_from_the_consumer_selects_what_a_full_rerun_selects(arch, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the shortcut must not fall back here
         fast, fast_orders = _compress(_model(arch), x)
-    monkeypatch.setattr(greedy, "RESUME_CACHE_BYTES", -1)  # no cached values: every segment rerun whole
+    monkeypatch.setattr(segment_walk, "RESUME_CACHE_BYTES", -1)  # no cached values: every segment rerun whole
     slow, slow_orders = _compress(_model(arch), x)
     assert fast.widths == slow.widths and fast_orders == slow_orders
     with torch.no_grad():
@@ -53,9 +53,9 @@ def test_a_shortcut_that_does_not_reproduce_the_segment_falls_back_to_the_full_r
     x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ref, ref_orders = _compress(_model("mobilenet_v3_small"), x)
     # cached values that are not what the segment computes (stale ones, say): the tail is wrong
-    sliced = greedy._SegmentWalk._sliced
+    sliced = segment_walk.SegmentWalk._sliced
     monkeypatch.setattr(
-        greedy._SegmentWalk,
+        segment_walk.SegmentWalk,
         "_sliced",
         lambda self, values, width, keep: tuple(1.5 * v for v in sliced(self, values, width, keep)),
     )

@@ -62,19 +62,25 @@ class _GroupOmpState:
 
     def __init__(self, st: Stats, ridge: float, capacity: int):
         g, F = st.group, st.G.shape[0]
+        dev = st.G.device
         self.fold_from = self.FOLD_FROM * F if capacity * g >= self.FOLD_PATHS_TO * F else float("inf")
         self.g, self.C = g, F // g
         lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
-        self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype, device=st.G.device)
+        self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype, device=dev)
         self.c = thin_cross(st.B, st.rows)
-        idx = torch.arange(self.C, device=st.G.device)
+        idx = torch.arange(self.C, device=dev)
         blocks = self.Gr.view(self.C, g, self.C, g)[idx, :, idx, :]  # (C, g, g) diagonal blocks
         self.R = blocks.clone()
-        self.V = torch.zeros(F, capacity * g, dtype=st.G.dtype, device=st.G.device)
+        self.V = torch.zeros(F, capacity * g, dtype=st.G.dtype, device=dev)
         self.k = 0
         self.folded = 0  # groups of V already subtracted from Gr (Gr is this state's own copy)
-        self.err = float(st.yy)
         self.yy = float(st.yy)
+        # the error after each step, kept on the device: a step reads nothing back to the host
+        # (on a GPU a read is a synchronisation, and the loop is thousands of small kernels)
+        self.errs = torch.empty(capacity, dtype=torch.float64, device=dev)
+        self.err = torch.tensor(self.yy, dtype=torch.float64, device=dev)
+        self.columns = torch.arange(g, device=dev)
+        self.eye = torch.eye(g, dtype=st.G.dtype, device=dev)
 
     def scores(self) -> torch.Tensor:
         if self.g == 1:
@@ -82,30 +88,43 @@ class _GroupOmpState:
         cj = self.c.view(self.C, self.g, -1)
         # tr(c_j^T R_j^-1 c_j) = <R_j^-1, c_j c_j^T>: g x g products per candidate instead of
         # g x O solves (2.5x faster at C=256, g=9, O=256). R is small and well conditioned (ridge).
-        return (torch.linalg.inv(self.R) * (cj @ cj.transpose(1, 2))).sum((1, 2))
+        # (inv_ex: no error check, which on a GPU would read the status back every step)
+        return (torch.linalg.inv_ex(self.R).inverse * (cj @ cj.transpose(1, 2))).sum((1, 2))
 
-    def add(self, s: int) -> None:
-        g = self.g
-        sl = slice(s * g, (s + 1) * g)
+    def add(self, groups: torch.Tensor) -> None:
+        """Add ``groups`` (a device index tensor) in their order. One group: the chosen block of
+        the Schur complement comes from the candidates' residual blocks R. Several: one block
+        step (the planning curves' path) -- one Schur block, one Cholesky factor and one
+        rank-(m*g) update of the residual instead of m rank-g ones, so the F x O residual is
+        read once; the same arithmetic as m single steps (block Cholesky), and the errors after
+        each group stay exact for this order."""
+        g, m = self.g, groups.numel()
+        idx = (groups[:, None] * g + self.columns).view(-1)
         pending = self.V[:, self.folded * g : self.k * g]
-        cols = torch.addmm(self.Gr[:, sl], pending, pending[sl].T, alpha=-1)  # (F, g)
-        if g == 1:  # scalar Cholesky factor: avoid the triangular solves
-            root = float(self.R[s].clamp_min(1e-30).sqrt())
-            v, u = cols / root, self.c[sl] / root
+        cols = torch.addmm(self.Gr.index_select(1, idx), pending, pending.index_select(0, idx).T, alpha=-1)
+        c_sel = self.c.index_select(0, idx)
+        if m == 1 and g == 1:  # scalar Cholesky factor: avoid the triangular solves
+            root = self.R.view(-1).index_select(0, groups).clamp_min(1e-30).sqrt()
+            v, u = cols / root, c_sel / root
         else:
-            L = torch.linalg.cholesky(self.R[s])
-            v = torch.linalg.solve_triangular(L, cols.T, upper=False).T  # (F, g)
-            u = torch.linalg.solve_triangular(L, self.c[sl], upper=False)  # (g, O)
+            block = self.R.index_select(0, groups)[0] if m == 1 else cols.index_select(0, idx)
+            L = torch.linalg.cholesky_ex(block).L  # SPD: the ridge bounds it below (no status read)
+            v = torch.linalg.solve_triangular(L, cols.T, upper=False).T  # (F, m*g)
+            u = torch.linalg.solve_triangular(L, c_sel, upper=False)  # (m*g, O)
         # in place: a rank-g update through a temporary costs 10x more (F x O written twice)
         self.c.addmm_(v, u, alpha=-1)
-        vb = v.view(self.C, g, g)
+        vb = v.view(self.C, g, m * g)
         self.R.baddbmm_(vb, vb.transpose(1, 2), alpha=-1)
-        self.R[s] = torch.eye(
-            g, dtype=self.R.dtype, device=self.R.device
-        )  # selected: residual is zero; keep solves regular
-        self.V[:, self.k * g : (self.k + 1) * g] = v
-        self.k += 1
-        self.err -= float(u.pow(2).sum())
+        self.R[groups] = self.eye  # selected: residual is zero; keep solves regular
+        self.V[:, self.k * g : (self.k + m) * g] = v
+        gains = u.pow(2).sum() if m == 1 else u.view(m, g, -1).pow(2).sum((1, 2))
+        if m == 1:
+            self.err = self.err - gains
+            self.errs[self.k] = self.err
+        else:  # (the planning path: a cumulative sum is not the step-by-step rounding, no matter)
+            self.errs[self.k : self.k + m] = self.err - gains.cumsum(0)
+            self.err = self.errs[self.k + m - 1].clone()
+        self.k += m
         F = self.Gr.shape[0]
         if self.k * g >= self.fold_from and (self.k - self.folded) * g >= min(self.FOLD_COLUMNS, F):
             block = self.V[:, self.folded * g : self.k * g]
@@ -142,12 +161,18 @@ def greedy_select(
     eps: Optional[float] = None,
     ridge: float = 1e-3,
     min_k: int = 1,
+    block_share: Optional[float] = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy forward selection over channels shared by ``stats`` (one per consumer).
 
     Stops after ``k`` channels, or at the first size whose relative error (summed over
     consumers) is at most ``eps``; with neither, runs the whole path. Returns the channels
     in the order they were added and the relative error after each addition.
+
+    ``block_share`` (the planning curves only, never the selection): once n channels are
+    chosen, the next ``floor(block_share * n)`` best-scoring ones are added together in one
+    block step, scored once instead of after each addition. The errors stay exact for the
+    order taken; the order is greedy at a resolution of that share of the width.
     """
     C = stats[0].channels
     if any(st.channels != C for st in stats):
@@ -158,13 +183,19 @@ def greedy_select(
     if stats[0].G.shape[0] <= 2048:
         torch.set_num_threads(1)
     try:
-        return _greedy_select(stats, k, eps, ridge, min_k, C)
+        return _greedy_select(stats, k, eps, ridge, min_k, C, block_share)
     finally:
         torch.set_num_threads(threads)
 
 
 def _greedy_select(
-    stats: list[Stats], k: Optional[int], eps: Optional[float], ridge: float, min_k: int, C: int
+    stats: list[Stats],
+    k: Optional[int],
+    eps: Optional[float],
+    ridge: float,
+    min_k: int,
+    C: int,
+    block_share: Optional[float],
 ) -> tuple[list[int], list[float]]:
     limit = C if k is None else min(k, C)
     if k is None:
@@ -174,30 +205,64 @@ def _greedy_select(
             limit, max(1, -(-min(st.rows for st in stats) // stats[0].group)) if stats[0].rows else limit
         )
     states = [_GroupOmpState(st, ridge, limit) for st in stats]
+    g, dev = stats[0].group, stats[0].G.device
     total = sum(s.yy for s in states) or 1.0
-    chosen: list[int] = []
-    taken = torch.zeros(C, dtype=torch.bool, device=stats[0].G.device)
-    path: list[float] = []
-    while len(chosen) < limit:
+    order = torch.empty(limit, dtype=torch.long, device=dev)
+    taken = torch.zeros(C, dtype=torch.bool, device=dev)
+    # the choices and errors stay on the device; an eps stop reads them back every few steps
+    # (every step on a CPU, where a read costs nothing) and cuts the path at the first size
+    # that meets eps, so the result is the same as stopping there
+    check_every = _eps_check_steps(dev)
+    n = checked = 0
+    while n < limit:
         score = sum(s.scores() for s in states)
-        score = torch.where(taken, torch.full_like(score, -float("inf")), score)
-        j = int(torch.argmax(score))
+        score = score.masked_fill(taken, -float("inf"))
+        m = 1
+        if block_share is not None:
+            m = max(1, min(int(block_share * n), limit - n, MAX_BLOCK_COLUMNS // g))
+        chosen = torch.argmax(score).view(1) if m == 1 else torch.topk(score, m).indices
         for s in states:
-            s.add(j)
-        chosen.append(j)
-        taken[j] = True
-        rel = max(sum(s.err for s in states), 0.0) / total
-        path.append(rel)
-        if eps is not None and rel <= eps and len(chosen) >= min_k:
-            break
-    return chosen, path
+            s.add(chosen)
+        taken[chosen] = True
+        order[n : n + m] = chosen
+        n += m
+        if eps is not None and (n - checked >= check_every or n == limit):
+            path = _relative_path(states, checked, n, total)
+            hit = next((i for i, rel in enumerate(path) if rel <= eps and checked + i + 1 >= min_k), None)
+            if hit is not None:
+                n = checked + hit + 1
+                break
+            checked = n
+    return order[:n].tolist(), _relative_path(states, 0, n, total)
+
+
+#: a block step adds at most this many columns (its Cholesky factor is (m*g)^2)
+MAX_BLOCK_COLUMNS = 512
+#: on a GPU, an eps-driven path reads its errors back every this many steps
+EPS_CHECK_STEPS = 32
+
+
+def _eps_check_steps(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else EPS_CHECK_STEPS
+
+
+def _relative_path(states: list[_GroupOmpState], start: int, stop: int, total: float) -> list[float]:
+    """The relative error (summed over the consumers) after each step from ``start`` to ``stop``."""
+    err = sum(s.errs[start:stop] for s in states)
+    return (err.clamp_min(0.0) / total).tolist()
+
+
+def group_columns(groups: list[int], g: int, device: torch.device) -> torch.Tensor:
+    """The columns of ``groups`` (g per group, channel-major), in their order, as one index
+    tensor on ``device`` (one small op, not one per group: on a GPU each op is a launch)."""
+    return (torch.as_tensor(groups, dtype=torch.long)[:, None] * g + torch.arange(g)).view(-1).to(device)
 
 
 def refit(st: Stats, keep: list[int], ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
     """Least-squares consumer weights for the kept channels (in the given order) and the exact
     relative error they leave (without the ridge term). Returns W of shape (len(keep)*g, O)."""
     g = st.group
-    cols = torch.cat([torch.arange(j * g, (j + 1) * g) for j in keep])
+    cols = group_columns(keep, g, st.G.device)
     G = st.G[cols][:, cols]
     B = st.B[cols]
     lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
@@ -213,7 +278,7 @@ def refit(st: Stats, keep: list[int], ridge: float = 1e-3) -> tuple[torch.Tensor
 def subset_error(st: Stats, keep: list[int], W: torch.Tensor) -> float:
     """Relative error of given consumer weights W (rows for ``keep``'s columns) on ``st``'s rows."""
     g = st.group
-    cols = torch.cat([torch.arange(j * g, (j + 1) * g) for j in keep])
+    cols = group_columns(keep, g, st.G.device)
     G, B = st.G[cols][:, cols], st.B[cols]
     W = W.to(G.dtype)
     err = st.yy - 2.0 * float((W * B).sum()) + float((W * (G @ W)).sum())

@@ -1,0 +1,84 @@
+"""The greedy path's stepping: block steps for the planning curves, and a loop that reads
+nothing back to the host per step (on a GPU every read is a synchronisation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gslim.compress import omp
+from gslim.compress.omp import Stats, greedy_select
+
+
+def _problem(C: int, group: int, outs: int = 6, N: int = 400, seed: int = 0):
+    torch.manual_seed(seed)
+    X = torch.randn(N, C * group, dtype=torch.float64)
+    X[:, :group] += 0.8 * X[:, group : 2 * group]  # correlated channels
+    W = torch.randn(C * group, outs, dtype=torch.float64) * (torch.rand(C * group, 1) > 0.5)
+    Y = X @ W + 0.05 * torch.randn(N, outs, dtype=torch.float64)
+    return X, Y, Stats(X.T @ X, X.T @ Y, float((Y**2).sum()), group, rows=N)
+
+
+def _lstsq_error(X, Y, cols):
+    W = torch.linalg.lstsq(X[:, cols], Y).solution
+    return float(((Y - X[:, cols] @ W) ** 2).sum() / (Y**2).sum())
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_block_steps_give_the_exact_error_of_the_order_they_take(group):
+    X, Y, st = _problem(40, group)
+    order, path = greedy_select([st], ridge=0.0, block_share=0.25)
+    exact_order, exact_path = greedy_select([st], ridge=0.0)
+    assert sorted(order) == list(range(40)) and len(path) == 40
+    assert all(b <= a + 1e-12 for a, b in zip(path, path[1:])), "error must never increase"
+    for k in (1, 4, 5, 9, 17, 30):  # inside and at the ends of blocks
+        cols = [j * group + t for j in order[:k] for t in range(group)]
+        assert path[k - 1] == pytest.approx(_lstsq_error(X, Y, cols), abs=1e-9)
+    # the first steps are single (a share of a small width is below one channel)
+    assert order[:4] == exact_order[:4]
+    # a block's order is greedy at a coarser resolution: never better than the exact path
+    assert all(b >= a - 1e-9 for a, b in zip(exact_path, path))
+
+
+def test_block_steps_stop_at_eps_like_single_steps():
+    _, _, st = _problem(60, 1, outs=8)
+    order, path = greedy_select([st], eps=0.05, ridge=1e-3, block_share=0.5)
+    assert path[-1] <= 0.05 < path[-2]  # cut at the first size that meets eps, inside a block
+    assert len(order) == len(path)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (``.item()``, ``int(t)``, ``float(t)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("group", [1, 9])
+def test_a_path_of_given_length_reads_nothing_back_per_step(group):
+    _, _, st = _problem(48, group, outs=16)
+
+    def reads(k: int) -> int:
+        with _HostReads() as mode:
+            greedy_select([st, st], k=k, ridge=1e-2)
+        return mode.reads
+
+    # the set-up reads the ridge's scale once per consumer; the steps themselves read nothing
+    assert reads(40) == reads(3)
+
+
+def test_an_eps_path_read_back_every_few_steps_stops_where_a_step_by_step_one_does(monkeypatch):
+    _, _, st = _problem(60, 2, outs=8)
+    cases = [(eps, min_k) for eps in (0.02, 0.3, 0.9) for min_k in (1, 5, 20)]
+    expected = [greedy_select([st], eps=eps, ridge=1e-3, min_k=min_k) for eps, min_k in cases]
+    assert len({len(order) for order, _ in expected}) > 3  # the cases stop at different sizes
+    monkeypatch.setattr(omp, "_eps_check_steps", lambda device: 7)  # as on a GPU
+    for (eps, min_k), want in zip(cases, expected):
+        assert greedy_select([st], eps=eps, ridge=1e-3, min_k=min_k) == want
