@@ -3,12 +3,15 @@ nothing back to the host per step (on a GPU every read is a synchronisation)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gslim.compress import omp
 from gslim.compress.omp import Stats, greedy_select
+from gslim.errors import GslimError
 
 
 def _problem(C: int, group: int, outs: int = 6, N: int = 400, seed: int = 0):
@@ -82,3 +85,17 @@ def test_an_eps_path_read_back_every_few_steps_stops_where_a_step_by_step_one_do
     monkeypatch.setattr(omp, "_eps_check_steps", lambda device: 7)  # as on a GPU
     for (eps, min_k), want in zip(cases, expected):
         assert greedy_select([st], eps=eps, ridge=1e-3, min_k=min_k) == want
+
+
+@pytest.mark.parametrize("block_share", [None, 0.5])
+def test_singular_statistics_without_a_ridge_are_one_clear_error_not_a_silent_path(block_share):
+    # the factorisations no longer check their status at every step (on a GPU that is a read
+    # back); a singular system must still never come out as a selection
+    X = torch.randn(200, 6, dtype=torch.float64)
+    X = torch.cat([X, X], 1)  # every channel twice (groups of 3 columns)
+    Y = X @ torch.randn(12, 4, dtype=torch.float64)
+    st = Stats(X.T @ X, X.T @ Y, float((Y**2).sum()), 3, rows=200)
+    with pytest.raises(GslimError, match="singular"):
+        greedy_select([st], ridge=0.0, block_share=block_share)
+    order, path = greedy_select([st], ridge=1e-3, block_share=block_share)  # a ridge makes it regular
+    assert len(order) == 4 and all(math.isfinite(p) for p in path)

@@ -21,10 +21,13 @@ is the one that lowers the *sum* of their errors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+
+from gslim.errors import GslimError
 
 
 @dataclass
@@ -233,7 +236,14 @@ def _greedy_select(
                 n = checked + hit + 1
                 break
             checked = n
-    return order[:n].tolist(), _relative_path(states, 0, n, total)
+    path = _relative_path(states, 0, n, total)
+    if not all(math.isfinite(rel) for rel in path):
+        # (the factorisations do not check their status on the device: this read does, once)
+        raise GslimError(
+            "greedy selection: the channel statistics are singular (duplicate or all-zero channels "
+            "with no ridge); set compress.ridge above 0"
+        )
+    return order[:n].tolist(), path
 
 
 #: a block step adds at most this many columns (its Cholesky factor is (m*g)^2)
