@@ -35,7 +35,7 @@ TARGET_STORE_BYTES = 2 << 30
 # The curves only allocate the budget, so their greedy path takes block steps of a sixteenth of
 # the width chosen so far (the walk's selection stays one channel at a time). Same statistics,
 # one thread, 64 images at 112 px, random weights (`python benchmarks/planning_blocks.py`): the
-# planning OMP of MobileNetV2 2.5 -> 0.6 s in 5.5x fewer steps (on a GPU, that many fewer small
+# planning OMP of MobileNetV2 2.8 -> 0.6 s in 5.5x fewer steps (on a GPU, that many fewer small
 # kernels), curves within 0.5% (relative) of the exact path; 1/8 saved a little more and moved
 # one trained ResNet-18's 50% allocation enough to cost 0.24 points one-shot (1/16: none).
 PLANNING_BLOCK_SHARE = 1 / 16
