@@ -78,18 +78,20 @@ def main() -> None:
                 for exact, block in zip(paths[None], paths[share])
                 for a, b in zip(exact, block)
             ]
-            steps = sum(_steps(len(p), share) for p in paths[share])
+            steps = sum(_steps(len(p), share, st[0].group) for p, st in zip(paths[share], units))
             print(
                 f"| {arch} | {'exact' if share is None else f'{share:g}'} | {statistics.median(times[share]):.2f} "
                 f"| {steps} | {max(g[0] for g in gaps):.4f} | {max(g[1] for g in gaps):.3f} |"
             )
 
 
-def _steps(length: int, share) -> int:
-    """Block steps taken for a path of ``length`` channels (ignoring the block's column cap)."""
+def _steps(length: int, share, group: int) -> int:
+    """Steps the path of ``length`` channels took (the rule greedy_select follows)."""
+    from gslim.compress.omp import block_size
+
     n = steps = 0
     while n < length:
-        n += 1 if share is None else max(1, min(int(share * n), length - n))
+        n += block_size(share, n, length - n, group)
         steps += 1
     return steps
 

@@ -120,12 +120,11 @@ class _GroupOmpState:
         self.R.baddbmm_(vb, vb.transpose(1, 2), alpha=-1)
         self.R[groups] = self.eye  # selected: residual is zero; keep solves regular
         self.V[:, self.k * g : (self.k + m) * g] = v
-        gains = u.pow(2).sum() if m == 1 else u.view(m, g, -1).pow(2).sum((1, 2))
         if m == 1:
-            self.err = self.err - gains
+            self.err = self.err - u.pow(2).sum()
             self.errs[self.k] = self.err
         else:  # (the planning path: a cumulative sum is not the step-by-step rounding, no matter)
-            self.errs[self.k : self.k + m] = self.err - gains.cumsum(0)
+            self.errs[self.k : self.k + m] = self.err - u.view(m, g, -1).pow(2).sum((1, 2)).cumsum(0)
             self.err = self.errs[self.k + m - 1].clone()
         self.k += m
         F = self.Gr.shape[0]
@@ -220,9 +219,7 @@ def _greedy_select(
     while n < limit:
         score = sum(s.scores() for s in states)
         score = score.masked_fill(taken, -float("inf"))
-        m = 1
-        if block_share is not None:
-            m = max(1, min(int(block_share * n), limit - n, MAX_BLOCK_COLUMNS // g))
+        m = block_size(block_share, n, limit - n, g)
         chosen = torch.argmax(score).view(1) if m == 1 else torch.topk(score, m).indices
         for s in states:
             s.add(chosen)
@@ -250,6 +247,14 @@ def _greedy_select(
 MAX_BLOCK_COLUMNS = 512
 #: on a GPU, an eps-driven path reads its errors back every this many steps
 EPS_CHECK_STEPS = 32
+
+
+def block_size(block_share: Optional[float], chosen: int, left: int, group: int) -> int:
+    """Groups the next step adds: one, or with ``block_share`` that share of those chosen so far
+    (at most ``left``, and at most MAX_BLOCK_COLUMNS columns)."""
+    if block_share is None:
+        return 1
+    return max(1, min(int(block_share * chosen), left, MAX_BLOCK_COLUMNS // group))
 
 
 def _eps_check_steps(device: torch.device) -> int:
