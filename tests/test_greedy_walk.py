@@ -36,27 +36,68 @@ def _compress(model: torch.nn.Module, x: torch.Tensor):
     return res, {u.name: list(u.order) for u in res.units}
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
+def _plain_chain() -> torch.nn.Module:
+    """A VGG-style chain: every conv consumes the previous unit and produces the next, so the
+    whole feature extractor is one segment of the walk."""
+    torch.manual_seed(0)
+    layers, c = [], 3
+    for w in (16, 24, 24, 32):
+        layers += [torch.nn.Conv2d(c, w, 3, padding=1, bias=False), torch.nn.BatchNorm2d(w), torch.nn.ReLU()]
+        c = w
+    model = torch.nn.Sequential(
+        *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 10)
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _build(arch: str) -> torch.nn.Module:
+    return _plain_chain() if arch == "plain_chain" else _model(arch)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18", "mobilenet_v2", "plain_chain"])
 def test_resuming_from_the_consumer_selects_what_a_full_rerun_selects(arch, monkeypatch):
     x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the shortcut must not fall back here
-        fast, fast_orders = _compress(_model(arch), x)
+        fast, fast_orders = _compress(_build(arch), x)
     monkeypatch.setattr(segment_walk, "RESUME_CACHE_BYTES", -1)  # no cached values: every segment rerun whole
-    slow, slow_orders = _compress(_model(arch), x)
+    slow, slow_orders = _compress(_build(arch), x)
     assert fast.widths == slow.widths and fast_orders == slow_orders
     with torch.no_grad():
         torch.testing.assert_close(fast.model(x[:8]), slow.model(x[:8]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["plain_chain", "mobilenet_v2"])
+def test_a_chain_of_units_in_one_segment_runs_each_layer_once_in_the_walk(arch):
+    # plain_chain: four units, one segment; MobileNetV2: the stem, features.1 and features.2's
+    # expansion are three chained units. Each unit's pass resumes where the previous one stopped.
+    model = _build(arch)
+    stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    images = []
+    stem.register_forward_hook(lambda m, a, o: images.append(a[0].shape[0]))  # (copied to the pruned model)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _compress(model, x)
+    # the planning pass (the original network) and the walk (the pruned one) see every batch once
+    # (before the chain, the walk ran the segment once per unit in it: 1 + 4 or 1 + 3 times);
+    # beside those, only the check images (a few per resumed pass) and the trace's example inputs
+    batch = 16
+    assert images.count(batch) == 2 * len(x) // batch, images
+    assert all(n <= segment_walk.RESUME_CHECK_IMAGES for n in images if n != batch), images
 
 
 def test_a_shortcut_that_does_not_reproduce_the_segment_falls_back_to_the_full_rerun(monkeypatch):
     x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ref, ref_orders = _compress(_model("mobilenet_v3_small"), x)
     # cached values that are not what the segment computes (stale ones, say): the tail is wrong
-    sliced = segment_walk.SegmentWalk._sliced
+    sliced = segment_walk._Step.sliced  # (the resumed pass and the segment's end both check)
     monkeypatch.setattr(
-        segment_walk.SegmentWalk,
-        "_sliced",
+        segment_walk._Step,
+        "sliced",
         lambda self, values, width, keep: tuple(1.5 * v for v in sliced(self, values, width, keep)),
     )
     with pytest.warns(UserWarning, match="recomputed whole"):

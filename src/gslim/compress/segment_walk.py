@@ -4,13 +4,14 @@ activations the next segment reads."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from gslim.compress.calibrate import split_segment
+from gslim.compress.calibrate import SegmentTail, split_segment
 from gslim.compress.units import Unit, UnitGraph
 
 # Cached activations at a consumer may take at most this many bytes (else the segment is rerun whole).
@@ -19,102 +20,177 @@ RESUME_CACHE_BYTES = 2 << 30
 RESUME_CHECK_IMAGES = 4
 
 
-class SegmentWalk:
-    """One segment of the walk: its statistics passes, then the activations the next segment reads.
+class _PassDone(Exception):
+    """Raised by a hook once a statistics pass has reached the last reader it needs."""
 
-    When the planning pass kept the original network's targets, the original network does not
-    run here at all (``orig_act`` None); else its segment output, the same in every pass, is kept
-    from the first pass instead of being computed again. The pruned network's segment is split before
-    the first consumer of its last unit: that unit's passes keep the values alive there, and
-    after its surgery only the tail (the consumer onwards) runs again, on those values with the
-    dropped channels sliced off (kept channels' values do not change). The first images are also
-    recomputed whole and compared, so a graph this does not capture costs time, never accuracy.
-    """
 
-    def __init__(self, oseg, wseg, orig_act, work_act, units: list[Unit], graph: UnitGraph):
-        self.oseg, self.wseg = oseg, wseg
-        self.orig_act, self.work_act = orig_act, work_act
-        self.orig_out: Optional[list[torch.Tensor]] = None
-        self.last = units[-1] if units else None
-        self.split = None
-        self.live: Optional[list[tuple]] = None
-        self.keep: Optional[tuple[int, torch.Tensor]] = None  # the last unit's (width before, kept)
-        # live values read by its consumers (in its channel space), with their channel dimension
-        self.consumer_inputs: list[tuple[int, int]] = []
-        if self.last is not None and not self.last.concat_before:
-            # (a unit read inside a concatenation: its consumers' inputs hold other units' channels)
-            first = min(self.last.consumers, key=lambda c: graph.node_index[graph.consumer_node[c]])
-            self.split = split_segment(wseg, first)
-        if self.split is not None:
-            mods = dict(wseg.named_modules())
-            consumer_args = {  # a Linear reads its channels last: (N, C) or a channels-last map
-                n.args[0].name: -1 if isinstance(mods.get(n.target), nn.Linear) else 1
-                for n in wseg.graph.nodes
-                if n.op == "call_module"
-                and n.target in self.last.consumers
-                and isinstance(n.args[0], fx.Node)
-            }
-            self.consumer_inputs = [
-                (i, consumer_args[name]) for i, name in enumerate(self.split.live) if name in consumer_args
-            ]
+@dataclass
+class _Step:
+    """A unit's pass that started at the chain's resume point: where it split, the values it
+    kept there (per batch; None when they would not fit), and which of those values its consumers read (their index and channel dimension)."""
 
-    def run_for(self, u: Unit) -> Callable[[], None]:
-        capture = u is self.last and self.split is not None
+    unit: Unit
+    split: SegmentTail
+    live: Optional[list[tuple]]
+    consumer_inputs: list[tuple[int, int]]
 
-        def run() -> None:
-            keep_orig = self.orig_out is None and self.orig_act is not None
-            outs, live, size = [], [], 0
-            for i, xw in enumerate(self.work_act):
-                if self.orig_act is not None:  # (None: its targets were kept by the planning pass)
-                    yo = self.oseg(self.orig_act[i])
-                    if keep_orig:
-                        outs.append(yo)
-                if capture and size <= RESUME_CACHE_BYTES:
-                    values = self.split.head(xw)
-                    self.split.tail(*values)
-                    live.append(values)
-                    size += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
-                else:
-                    self.wseg(xw)
-            if keep_orig:
-                self.orig_out = outs
-            if capture:  # the latest pass is the one after any surgery but the consumer's re-fit
-                self.live = live if size <= RESUME_CACHE_BYTES else None
-
-        return run
-
-    def unit_done(self, u: Unit, width: int, keep: list[int]) -> None:
-        if u is self.last and self.live is not None:
-            self.keep = (width, torch.as_tensor(keep, dtype=torch.long))
-
-    def advance(self) -> tuple[Optional[list[torch.Tensor]], list[torch.Tensor]]:
-        orig = self.orig_out
-        if orig is None and self.orig_act is not None:
-            orig = [self.oseg(x) for x in self.orig_act]
-        if self.live is None or self.keep is None:
-            return orig, [self.wseg(x) for x in self.work_act]
-        width, keep = self.keep
-        work = [self.split.tail(*self._sliced(values, width, keep)) for values in self.live]
-        self.live = None
-        # a few images of the first batch suffice (eval mode: every image is computed alone),
-        # where the whole batch cost one more pass of the segment when it was the only one
-        few = min(RESUME_CHECK_IMAGES, self.work_act[0].shape[0])
-        check = self.wseg(self.work_act[0][:few])
-        if not torch.allclose(
-            work[0][:few], check, rtol=1e-4, atol=1e-5 * float(check.abs().max().clamp_min(1e-12))
-        ):
-            warnings.warn(
-                "greedy: resuming a segment from its consumer did not reproduce the segment's output; "
-                "it was recomputed whole (a graph this shortcut does not capture)",
-                stacklevel=2,
-            )
-            return orig, [self.wseg(x) for x in self.work_act]
-        return orig, work
-
-    def _sliced(self, values: tuple, width: int, keep: torch.Tensor) -> tuple:
+    def sliced(self, values: tuple, width: int, keep: torch.Tensor) -> tuple:
         out = list(values)
         for i, dim in self.consumer_inputs:
             v = out[i]
             if v.shape[dim] == width and keep.numel() < width:  # captured before the surgery: slice it
                 out[i] = v.index_select(dim, keep.to(v.device))
         return tuple(out)
+
+
+class SegmentWalk:
+    """One segment of the walk: its statistics passes, then the activations the next segment reads.
+
+    When the planning pass kept the original network's targets, the original network does not
+    run here at all (``orig_act`` None); else its segment output, the same in every pass, is kept
+    from the first pass instead of being computed again.
+
+    The pruned network's segment runs as a chain. A unit's pass starts where the previous unit's
+    left off, runs up to the unit's first consumer, keeps the values alive there, and stops once
+    its last consumer has read its input (nothing after it is needed for the statistics). After
+    the unit's surgery the next unit's pass resumes from those values with the dropped channels
+    sliced off (kept channels' values do not change), and after the last unit only the rest of
+    the segment runs. So a chain of units inside one segment (a plain conv chain, where each
+    consumer produces the next unit: VGG, or MobileNetV2's stem) runs each layer once, not once
+    per unit. Before each resumed pass, and at the end, the chain's values for a few images of
+    the first batch are run through the rest of the segment and compared with the whole segment
+    on them: a graph this does not capture costs time (the pass restarts from the segment's
+    input, with a warning), never accuracy.
+    """
+
+    def __init__(self, oseg, wseg, orig_act, work_act, units: list[Unit], graph: UnitGraph):
+        self.oseg, self.wseg, self.graph = oseg, wseg, graph
+        self.orig_act, self.work_act = orig_act, work_act
+        self.orig_out: Optional[list[torch.Tensor]] = None
+        self.check_x = work_act[0][: min(RESUME_CHECK_IMAGES, work_act[0].shape[0])]
+        self.step: Optional[_Step] = None
+        self._restart()
+
+    def _restart(self) -> None:
+        """The next pass starts from the segment's input (always right; the shortcut's fallback)."""
+        self.module: fx.GraphModule = self.wseg
+        self.inputs: list[tuple] = [(x,) for x in self.work_act]
+
+    def run_for(self, u: Unit) -> Callable[[], None]:
+        split = self._split_for(u)
+        consumer_inputs = self._consumer_inputs(u, split) if split is not None else []
+        last = max(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
+        last_mod = self.wseg.get_submodule(last)
+
+        def stop(m, args):  # registered after the statistics hooks, so it runs after them
+            raise _PassDone
+
+        def run() -> None:
+            keep_orig = self.orig_out is None and self.orig_act is not None
+            outs, live, size = [], [], 0
+            handle = last_mod.register_forward_pre_hook(stop)
+            try:
+                for i, xw in enumerate(self.work_act):
+                    if self.orig_act is not None:  # (None: its targets were kept by the planning pass)
+                        yo = self.oseg(self.orig_act[i])
+                        if keep_orig:
+                            outs.append(yo)
+                    if split is not None and size <= RESUME_CACHE_BYTES:
+                        values = split.head(*self.inputs[i])
+                        live.append(values)
+                        size += sum(
+                            v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)
+                        )
+                        _until_done(split.tail, values)
+                    else:
+                        _until_done(self.wseg, (xw,))
+            finally:
+                handle.remove()
+            if keep_orig:
+                self.orig_out = outs
+            if split is not None:  # the latest pass is the one after any surgery but the consumer's re-fit
+                kept = live if size <= RESUME_CACHE_BYTES else None
+                self.step = _Step(u, split, kept, consumer_inputs)
+
+        return run
+
+    def unit_done(self, u: Unit, width: int, keep: list[int]) -> None:
+        step, self.step = self.step, None
+        if step is None or step.unit is not u or step.live is None:
+            self._restart()
+            return
+        kept = torch.as_tensor(keep, dtype=torch.long)
+        self.module = step.split.tail
+        self.inputs = [step.sliced(values, width, kept) for values in step.live]
+
+    def advance(self) -> tuple[Optional[list[torch.Tensor]], list[torch.Tensor]]:
+        orig = self.orig_out
+        if orig is None and self.orig_act is not None:
+            orig = [self.oseg(x) for x in self.orig_act]
+        if self.module is self.wseg:
+            return orig, [self.wseg(x) for x in self.work_act]
+        work = [self.module(*values) for values in self.inputs]
+        self.inputs = []
+        if not self._agrees(work[0][: self.check_x.shape[0]]):
+            self._restart()
+            return orig, [self.wseg(x) for x in self.work_act]
+        return orig, work
+
+    def _split_for(self, u: Unit) -> Optional[SegmentTail]:
+        """Where ``u``'s pass stops keeping values: before its first consumer, in the module the
+        chain resumes from (checked first), or else in the whole segment. None for a unit read
+        inside a concatenation (its consumers' inputs hold other units' channels): its pass
+        runs from the segment's input, and so does the next one."""
+        if u.concat_before:
+            self._restart()
+            return None
+        first = min(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
+        # (here, not in the pass: there the statistics hooks are set and would see the check images)
+        if self.module is not self.wseg and not self._agrees(self.module(*self._few(self.inputs[0]))):
+            self._restart()
+        split = split_segment(self.module, first)
+        if split is None and self.module is not self.wseg:
+            self._restart()
+            split = split_segment(self.wseg, first)
+        return split
+
+    def _few(self, values: tuple) -> tuple:
+        """The check images' share of one batch's chain values (a tensor whose first dimension is
+        not the batch's would be cut wrongly: the check then fails, which costs time, not accuracy)."""
+        n = self.work_act[0].shape[0]
+        return tuple(
+            v[: self.check_x.shape[0]] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+            for v in values
+        )
+
+    def _agrees(self, out: torch.Tensor) -> bool:
+        """Whether the chain's segment output on the check images is the whole segment's."""
+        ref = self.wseg(self.check_x)
+        if torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp_min(1e-12))):
+            return True
+        warnings.warn(
+            "greedy: resuming a segment from its consumer did not reproduce the segment's output; "
+            "it was recomputed whole (a graph this shortcut does not capture)",
+            stacklevel=3,
+        )
+        return False
+
+    def _consumer_inputs(self, u: Unit, split: SegmentTail) -> list[tuple[int, int]]:
+        """The values kept at ``split`` that ``u``'s consumers read, with their channel dimension."""
+        mods = dict(self.wseg.named_modules())
+        consumer_args = {  # a Linear reads its channels last: (N, C) or a channels-last map
+            n.args[0].name: -1 if isinstance(mods.get(n.target), nn.Linear) else 1
+            for n in split.tail.graph.nodes
+            if n.op == "call_module" and n.target in u.consumers and isinstance(n.args[0], fx.Node)
+        }
+        # (the tail's placeholders are named live_<i> in the order of split.live)
+        return [
+            (i, consumer_args[f"live_{i}"]) for i in range(len(split.live)) if f"live_{i}" in consumer_args
+        ]
+
+
+def _until_done(module: nn.Module, args: tuple) -> None:
+    try:
+        module(*args)
+    except _PassDone:
+        pass
