@@ -44,6 +44,41 @@ def test_block_steps_give_the_exact_error_of_the_order_they_take(group):
     assert all(b >= a - 1e-9 for a, b in zip(exact_path, path))
 
 
+@pytest.mark.parametrize("block_share", [None, 0.25])
+def test_folds_that_drop_the_chosen_rows_change_neither_the_order_nor_the_errors(block_share, monkeypatch):
+    # two consumers of the same 40 channels with different groups: their states fold (and drop
+    # rows) at different steps, and a fold after 1, 2, ... basis columns lands inside block steps
+    X1, Y1, st1 = _problem(40, 1, seed=0)
+    X3, Y3, st3 = _problem(40, 3, seed=1)
+    state = omp._GroupOmpState
+    monkeypatch.setattr(state, "FOLD_FROM", float("inf"))  # no fold: the reference
+    ref_order, ref_path = greedy_select([st1, st3], ridge=1e-6, block_share=block_share)
+    folds: dict[int, list[int]] = {}  # groups left in each state at each of its folds
+    fold = state._fold
+    monkeypatch.setattr(
+        state, "_fold", lambda self: (folds.setdefault(id(self), []).append(self.groups.numel()), fold(self))
+    )
+    for columns in (1, 5, 16):
+        monkeypatch.setattr(state, "FOLD_FROM", 0.1)
+        monkeypatch.setattr(state, "FOLD_PATHS_TO", 0.0)
+        monkeypatch.setattr(state, "FOLD_COLUMNS", columns)
+        folds.clear()
+        order, path = greedy_select([st1, st3], ridge=1e-6, block_share=block_share)
+        assert (
+            len(folds) == 2
+            and all(  # both states fold, and each fold drops the rows chosen since
+                len(f) >= 2 and all(a > b for a, b in zip(f[1:], f[2:])) for f in folds.values()
+            )
+        )
+        assert order == ref_order
+        assert path == pytest.approx(ref_path, abs=1e-10)
+        for k in (3, 17, 40):
+            e1 = _lstsq_error(X1, Y1, order[:k])
+            e3 = _lstsq_error(X3, Y3, [j * 3 + t for j in order[:k] for t in range(3)])
+            total1, total3 = float((Y1**2).sum()), float((Y3**2).sum())
+            assert path[k - 1] == pytest.approx((e1 * total1 + e3 * total3) / (total1 + total3), abs=1e-6)
+
+
 def test_block_steps_stop_at_eps_like_single_steps():
     _, _, st = _problem(60, 1, outs=8)
     order, path = greedy_select([st], eps=0.05, ridge=1e-3, block_share=0.5)

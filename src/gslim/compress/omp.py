@@ -51,7 +51,12 @@ class _GroupOmpState:
     complement ``Gr - V V^T``; early on it is computed from the basis (left-looking: one read
     of V, cheap while V is narrow), later from ``Gr`` with the basis folded into it in blocks
     (right-looking: one matrix product per block of steps instead of a read of the whole,
-    memory-bound, basis at every step). Same arithmetic, reordered."""
+    memory-bound, basis at every step). Same arithmetic, reordered.
+
+    A fold also drops the chosen groups' rows and columns from every part of the state (Gr, the
+    residual cross term, the residual blocks and the basis): no later step reads them, and the
+    fold's product, the largest cost of a long path on a wide Gram, shrinks with the square of
+    what is left. Groups are addressed by their original index; ``local`` maps them to rows."""
 
     #: a path that ends before the basis has this share of Gr's columns is not folded at all
     #: (4,608 columns, 200 of 512 groups: 2.4 s left-looking, 2.8 s folded) ...
@@ -61,22 +66,29 @@ class _GroupOmpState:
     #: ... then every time this many more basis columns have been added. Measured on a
     #: 4,608-column Gram (ResNet's 512-channel 3x3 consumers), full path, one thread: 12.8 s
     #: left-looking, 7.0 s folding from a quarter in blocks of 261 columns (29 groups of 9).
-    FOLD_COLUMNS = 256
+    #: Since a fold drops the chosen rows, wider blocks pay (the same Gram, two threads,
+    #: planning path / 266 single steps): 256 columns 1.92 / 2.08 s, 768 1.56 / 1.93 s, 1,024
+    #: 1.57 / 2.00 s; no fold 1.84 / 2.23 s; before the rows were dropped, 256: 2.44 / 2.22 s.
+    FOLD_COLUMNS = 768
 
     def __init__(self, st: Stats, ridge: float, capacity: int):
         g, F = st.group, st.G.shape[0]
         dev = st.G.device
         self.fold_from = self.FOLD_FROM * F if capacity * g >= self.FOLD_PATHS_TO * F else float("inf")
-        self.g, self.C = g, F // g
+        self.g, self.C, self.F = g, F // g, F
         lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
         self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype, device=dev)
         self.c = thin_cross(st.B, st.rows)
         idx = torch.arange(self.C, device=dev)
         blocks = self.Gr.view(self.C, g, self.C, g)[idx, :, idx, :]  # (C, g, g) diagonal blocks
         self.R = blocks.clone()
+        self.capacity = capacity
         self.V = torch.zeros(F, capacity * g, dtype=st.G.dtype, device=dev)
         self.k = 0
         self.folded = 0  # groups of V already subtracted from Gr (Gr is this state's own copy)
+        self.groups = idx  # the original index of each group still in the state (its rows)
+        self.local = idx.clone()  # original index -> row group (-1: dropped by a fold)
+        self.taken = torch.zeros(self.C, dtype=torch.bool, device=dev)  # chosen, not yet dropped
         self.yy = float(st.yy)
         # the error after each step, kept on the device: a step reads nothing back to the host
         # (on a GPU a read is a synchronisation, and the loop is thousands of small kernels)
@@ -86,40 +98,49 @@ class _GroupOmpState:
         self.eye = torch.eye(g, dtype=st.G.dtype, device=dev)
 
     def scores(self) -> torch.Tensor:
+        """The drop in error from adding each group, by original index (0 for dropped groups,
+        which the caller has marked taken)."""
         if self.g == 1:
-            return self.c.pow(2).sum(1) / self.R.view(-1).clamp_min(1e-30)
-        cj = self.c.view(self.C, self.g, -1)
-        # tr(c_j^T R_j^-1 c_j) = <R_j^-1, c_j c_j^T>: g x g products per candidate instead of
-        # g x O solves (2.5x faster at C=256, g=9, O=256). R is small and well conditioned (ridge).
-        # (inv_ex: no error check, which on a GPU would read the status back every step)
-        return (torch.linalg.inv_ex(self.R).inverse * (cj @ cj.transpose(1, 2))).sum((1, 2))
+            local = self.c.pow(2).sum(1) / self.R.view(-1).clamp_min(1e-30)
+        else:
+            cj = self.c.view(-1, self.g, self.c.shape[1])
+            # tr(c_j^T R_j^-1 c_j) = <R_j^-1, c_j c_j^T>: g x g products per candidate instead of
+            # g x O solves (2.5x faster at C=256, g=9, O=256). R is small and well conditioned
+            # (ridge). (inv_ex: no error check, which on a GPU would read the status back every step)
+            local = (torch.linalg.inv_ex(self.R).inverse * (cj @ cj.transpose(1, 2))).sum((1, 2))
+        if local.shape[0] == self.C:
+            return local
+        return local.new_zeros(self.C).index_copy_(0, self.groups, local)
 
     def add(self, groups: torch.Tensor) -> None:
-        """Add ``groups`` (a device index tensor) in their order. One group: the chosen block of
-        the Schur complement comes from the candidates' residual blocks R. Several: one block
-        step (the planning curves' path) -- one Schur block, one Cholesky factor and one
-        rank-(m*g) update of the residual instead of m rank-g ones, so the F x O residual is
-        read once; the same arithmetic as m single steps (block Cholesky), and the errors after
-        each group stay exact for this order."""
+        """Add ``groups`` (a device index tensor of original indices) in their order. One group:
+        the chosen block of the Schur complement comes from the candidates' residual blocks R.
+        Several: one block step (the planning curves' path) -- one Schur block, one Cholesky
+        factor and one rank-(m*g) update of the residual instead of m rank-g ones, so the F x O
+        residual is read once; the same arithmetic as m single steps (block Cholesky), and the
+        errors after each group stay exact for this order."""
         g, m = self.g, groups.numel()
-        idx = (groups[:, None] * g + self.columns).view(-1)
-        pending = self.V[:, self.folded * g : self.k * g]
+        rows = self.local[groups]
+        idx = (rows[:, None] * g + self.columns).view(-1)
+        pending = self.V[:, : (self.k - self.folded) * g]
         cols = torch.addmm(self.Gr.index_select(1, idx), pending, pending.index_select(0, idx).T, alpha=-1)
         c_sel = self.c.index_select(0, idx)
         if m == 1 and g == 1:  # scalar Cholesky factor: avoid the triangular solves
-            root = self.R.view(-1).index_select(0, groups).clamp_min(1e-30).sqrt()
+            root = self.R.view(-1).index_select(0, rows).clamp_min(1e-30).sqrt()
             v, u = cols / root, c_sel / root
         else:
-            block = self.R.index_select(0, groups)[0] if m == 1 else cols.index_select(0, idx)
+            block = self.R.index_select(0, rows)[0] if m == 1 else cols.index_select(0, idx)
             L = torch.linalg.cholesky_ex(block).L  # SPD: the ridge bounds it below (no status read)
             v = torch.linalg.solve_triangular(L, cols.T, upper=False).T  # (F, m*g)
             u = torch.linalg.solve_triangular(L, c_sel, upper=False)  # (m*g, O)
         # in place: a rank-g update through a temporary costs 10x more (F x O written twice)
         self.c.addmm_(v, u, alpha=-1)
-        vb = v.view(self.C, g, m * g)
+        vb = v.view(-1, g, m * g)
         self.R.baddbmm_(vb, vb.transpose(1, 2), alpha=-1)
-        self.R[groups] = self.eye  # selected: residual is zero; keep solves regular
-        self.V[:, self.k * g : (self.k + m) * g] = v
+        self.R[rows] = self.eye  # selected: residual is zero; keep solves regular
+        self.taken[rows] = True
+        start = (self.k - self.folded) * g
+        self.V[:, start : start + m * g] = v
         if m == 1:
             self.err = self.err - u.pow(2).sum()
             self.errs[self.k] = self.err
@@ -127,11 +148,25 @@ class _GroupOmpState:
             self.errs[self.k : self.k + m] = self.err - u.view(m, g, -1).pow(2).sum((1, 2)).cumsum(0)
             self.err = self.errs[self.k + m - 1].clone()
         self.k += m
-        F = self.Gr.shape[0]
-        if self.k * g >= self.fold_from and (self.k - self.folded) * g >= min(self.FOLD_COLUMNS, F):
-            block = self.V[:, self.folded * g : self.k * g]
-            self.Gr.addmm_(block, block.T, alpha=-1)
-            self.folded = self.k
+        if self.k * g >= self.fold_from and (self.k - self.folded) * g >= min(self.FOLD_COLUMNS, self.F):
+            self._fold()
+
+    def _fold(self) -> None:
+        """Subtract the basis added since the last fold from Gr, on the groups not chosen only."""
+        g = self.g
+        left = self.groups.shape[0] - (self.k - self.folded)  # groups not chosen (known on the host)
+        # the rows not taken, in order, without reading the mask back (a sort, not a nonzero)
+        keep = torch.argsort(self.taken.to(torch.int8), stable=True)[:left]
+        cols = (keep[:, None] * g + self.columns).view(-1)
+        block = self.V.index_select(0, cols)[:, : (self.k - self.folded) * g]
+        self.Gr = self.Gr.index_select(0, cols).index_select(1, cols).addmm_(block, block.T, alpha=-1)
+        self.c = self.c.index_select(0, cols)
+        self.R = self.R.index_select(0, keep)
+        self.groups = self.groups.index_select(0, keep)
+        self.local.fill_(-1).index_copy_(0, self.groups, torch.arange(left, device=keep.device))
+        self.taken = torch.zeros(left, dtype=torch.bool, device=keep.device)
+        self.V = self.V.new_zeros(left * g, (self.capacity - self.k) * g)
+        self.folded = self.k
 
 
 def thin_cross(B: torch.Tensor, rows: int) -> torch.Tensor:
