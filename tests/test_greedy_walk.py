@@ -90,6 +90,23 @@ def test_a_chain_of_units_in_one_segment_runs_each_layer_once_in_the_walk(arch):
     assert all(n <= segment_walk.RESUME_CHECK_IMAGES for n in images if n != batch), images
 
 
+def test_an_se_units_second_pass_starts_at_its_squeeze(monkeypatch):
+    # an SE unit is selected in two passes (the second after its surgery and the squeeze's
+    # re-fit); the second starts from the first's values at the squeeze, so the expansion conv
+    # before it runs once in the walk (before: twice), and the selection is unchanged
+    model = _model("mobilenet_v3_small")
+    expand = model.features[4].block[0][0]  # the first SE block with an expansion
+    images = []
+    expand.register_forward_hook(lambda m, a, o: images.append(a[0].shape[0]))  # (copied to the pruned model)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    fast, fast_orders = _compress(model, x)
+    batch = 16
+    assert images.count(batch) == 2 * len(x) // batch, images  # the planning pass and the walk
+    monkeypatch.setattr(segment_walk.SegmentWalk, "unit_sliced", lambda *a: None)  # no resume there
+    _, slow_orders = _compress(_model("mobilenet_v3_small"), x)
+    assert fast_orders == slow_orders
+
+
 def test_a_shortcut_that_does_not_reproduce_the_segment_falls_back_to_the_full_rerun(monkeypatch):
     x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ref, ref_orders = _compress(_model("mobilenet_v3_small"), x)

@@ -167,7 +167,16 @@ def run_greedy(
             for u in seg_units:
                 k = widths.get(u.name, u.width) if widths is not None else None
                 width = u.width
-                reports.append(_select_unit(sel, u, k, walk.run_for(u)))
+                squeeze = tuple(pointwise_readers(u, sel.wmods))
+                reports.append(
+                    _select_unit(
+                        sel,
+                        u,
+                        k,
+                        walk.run_for(u, squeeze),
+                        lambda keep, u=u, w=width: walk.unit_sliced(u, w, keep),
+                    )
+                )
                 sel.finished(u)
                 walk.unit_done(u, width, sorted(reports[-1].order))
                 done += 1
@@ -203,7 +212,13 @@ def _collect(
 
 
 @torch.no_grad()
-def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], None]) -> UnitReport:
+def _select_unit(
+    sel: _Selection,
+    u: Unit,
+    k: Optional[int],
+    run: Callable[[], None],
+    sliced: Optional[Callable[[list[int]], None]] = None,
+) -> UnitReport:
     """Select ``u``'s channels on statistics from one pass of ``run``, slim it, and re-fit its
     consumers (and an SE squeeze conv that reads it) to the original network's outputs."""
     cfg = sel.cfg
@@ -234,6 +249,8 @@ def _select_unit(sel: _Selection, u: Unit, k: Optional[int], run: Callable[[], N
         # slice everything, refit the squeeze so the gates match the original network's, then
         # fit the consumers on the gates the slim model really computes (a second pass)
         slim_unit(sel.work, u, keep, consumers=True)
+        if sliced is not None:  # (the walk's second pass resumes from the squeeze, sliced)
+            sliced(keep)
         for c in squeeze:
             _refit_squeeze(sel, c, collected[c], keep, c in const)
         collected = _collect(sel, u, u.consumers, run)

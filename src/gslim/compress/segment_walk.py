@@ -69,6 +69,11 @@ class SegmentWalk:
         self.orig_out: Optional[list[torch.Tensor]] = None
         self.check_x = work_act[0][: min(RESUME_CHECK_IMAGES, work_act[0].shape[0])]
         self.step: Optional[_Step] = None
+        # an SE unit: the cut at its squeeze, the first pass's values there, and those values
+        # sliced after its surgery (where the second pass starts)
+        self.gate: Optional[tuple[Unit, SegmentTail]] = None
+        self.gate_live: Optional[list[tuple]] = None
+        self.gate_resumed: Optional[tuple[Unit, list[tuple]]] = None
         self._restart()
 
     def _restart(self) -> None:
@@ -76,9 +81,14 @@ class SegmentWalk:
         self.module: fx.GraphModule = self.wseg
         self.inputs: list[tuple] = [(x,) for x in self.work_act]
 
-    def run_for(self, u: Unit) -> Callable[[], None]:
+    def run_for(self, u: Unit, squeeze: tuple[str, ...] = ()) -> Callable[[], None]:
+        """The statistics pass for ``u``. With ``squeeze`` (the 1x1 convs inside the unit that
+        read it: an SE block's squeeze), the unit is selected in two passes, the second after its
+        surgery and the squeeze's re-fit; the first keeps the values where the first squeeze
+        reads, so the second runs only from there (the gate, not the expansion before it)."""
+        first_pass = {"done": False}
         split = self._split_for(u)
-        consumer_inputs = self._consumer_inputs(u, split) if split is not None else []
+        gate = self._gate_split(u, squeeze) if split is not None else None
         last = max(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
         last_mod = self.wseg.get_submodule(last)
 
@@ -86,6 +96,13 @@ class SegmentWalk:
             raise _PassDone
 
         def run() -> None:
+            nonlocal split
+            resumed = None
+            if first_pass["done"] and self.gate_resumed is not None and self.gate_resumed[0] is u:
+                resumed, self.gate_resumed = self.gate_resumed[1], None
+                split = split_segment(gate.tail, self._first_consumer(u))
+            cut = gate if not first_pass["done"] and gate is not None else split
+            starts = resumed if resumed is not None else self.inputs
             keep_orig = self.orig_out is None and self.orig_act is not None
             outs, live, size = [], [], 0
             handle = last_mod.register_forward_pre_hook(stop)
@@ -95,24 +112,57 @@ class SegmentWalk:
                         yo = self.oseg(self.orig_act[i])
                         if keep_orig:
                             outs.append(yo)
-                    if split is not None and size <= RESUME_CACHE_BYTES:
-                        values = split.head(*self.inputs[i])
+                    if cut is not None and size <= RESUME_CACHE_BYTES:
+                        values = cut.head(*starts[i])
                         live.append(values)
                         size += sum(
                             v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)
                         )
-                        _until_done(split.tail, values)
+                        _until_done(cut.tail, values)
                     else:
                         _until_done(self.wseg, (xw,))
             finally:
                 handle.remove()
             if keep_orig:
                 self.orig_out = outs
-            if split is not None:  # the latest pass is the one after any surgery but the consumer's re-fit
-                kept = live if size <= RESUME_CACHE_BYTES else None
-                self.step = _Step(u, split, kept, consumer_inputs)
+            kept = live if size <= RESUME_CACHE_BYTES else None
+            if cut is gate and gate is not None:
+                self.gate_live = kept
+            elif split is not None:  # the latest pass is the one after any surgery but the consumer's re-fit
+                self.step = _Step(u, split, kept, self._consumer_inputs(u, split))
+            first_pass["done"] = True
 
         return run
+
+    def unit_sliced(self, u: Unit, width: int, keep: list[int]) -> None:
+        """``u`` was cut to ``keep`` of ``width`` channels before its second pass (an SE unit):
+        its first pass's values at the squeeze, sliced, are where the second starts, if they
+        reproduce the segment on the check images (else it starts from the chain's start).
+        Called outside the statistics hooks, which must not see the check images."""
+        live, self.gate_live, self.gate_resumed = self.gate_live, None, None
+        if self.gate is None or live is None or self.gate[0] is not u:
+            return
+        cut, kept = self.gate[1], torch.as_tensor(keep, dtype=torch.long)
+        values = [_channels_sliced(v, width, kept) for v in live]
+        try:
+            out = cut.tail(*self._few(values[0]))
+        except RuntimeError:  # a value the slicing rule missed (or cut): shapes that do not match
+            return
+        if self._agrees(out, warn=False):
+            self.gate_resumed = (u, values)
+
+    def _gate_split(self, u: Unit, squeeze: tuple[str, ...]) -> Optional[SegmentTail]:
+        self.gate, self.gate_live, self.gate_resumed = None, None, None
+        if not squeeze:
+            return None
+        first = min(squeeze, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
+        cut = split_segment(self.module, first)
+        if cut is not None:
+            self.gate = (u, cut)
+        return cut
+
+    def _first_consumer(self, u: Unit) -> str:
+        return min(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
 
     def unit_done(self, u: Unit, width: int, keep: list[int]) -> None:
         step, self.step = self.step, None
@@ -144,7 +194,7 @@ class SegmentWalk:
         if u.concat_before:
             self._restart()
             return None
-        first = min(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
+        first = self._first_consumer(u)
         # (here, not in the pass: there the statistics hooks are set and would see the check images)
         if self.module is not self.wseg and not self._agrees(self.module(*self._few(self.inputs[0]))):
             self._restart()
@@ -163,16 +213,17 @@ class SegmentWalk:
             for v in values
         )
 
-    def _agrees(self, out: torch.Tensor) -> bool:
+    def _agrees(self, out: torch.Tensor, warn: bool = True) -> bool:
         """Whether the chain's segment output on the check images is the whole segment's."""
         ref = self.wseg(self.check_x)
         if torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp_min(1e-12))):
             return True
-        warnings.warn(
-            "greedy: resuming a segment from its consumer did not reproduce the segment's output; "
-            "it was recomputed whole (a graph this shortcut does not capture)",
-            stacklevel=3,
-        )
+        if warn:
+            warnings.warn(
+                "greedy: resuming a segment from its consumer did not reproduce the segment's output; "
+                "it was recomputed whole (a graph this shortcut does not capture)",
+                stacklevel=3,
+            )
         return False
 
     def _consumer_inputs(self, u: Unit, split: SegmentTail) -> list[tuple[int, int]]:
@@ -187,6 +238,19 @@ class SegmentWalk:
         return [
             (i, consumer_args[f"live_{i}"]) for i in range(len(split.live)) if f"live_{i}" in consumer_args
         ]
+
+
+def _channels_sliced(values: tuple, width: int, keep: torch.Tensor) -> tuple:
+    """Every tensor of ``values`` whose channel dimension (1) is ``width`` wide, cut to ``keep``.
+    At an SE unit's squeeze those are its own channels (the pooled vector, the map the gate
+    scales); another value as wide by coincidence is cut wrongly, and the check that follows
+    sends the pass back to the chain's start (time, not accuracy)."""
+    return tuple(
+        v.index_select(1, keep.to(v.device))
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == width and keep.numel() < width
+        else v
+        for v in values
+    )
 
 
 def _until_done(module: nn.Module, args: tuple) -> None:
