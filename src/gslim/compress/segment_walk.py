@@ -27,7 +27,8 @@ class _PassDone(Exception):
 @dataclass
 class _Step:
     """A unit's pass that started at the chain's resume point: where it split, the values it
-    kept there (per batch; None when they would not fit), and which of those values its consumers read (their index and channel dimension)."""
+    kept there (per batch; None when they would not fit), and which of those values its
+    consumers read (their index and channel dimension)."""
 
     unit: Unit
     split: SegmentTail
@@ -86,7 +87,7 @@ class SegmentWalk:
         read it: an SE block's squeeze), the unit is selected in two passes, the second after its
         surgery and the squeeze's re-fit; the first keeps the values where the first squeeze
         reads, so the second runs only from there (the gate, not the expansion before it)."""
-        first_pass = {"done": False}
+        first_done = False
         split = self._split_for(u)
         gate = self._gate_split(u, squeeze) if split is not None else None
         last = max(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
@@ -96,12 +97,12 @@ class SegmentWalk:
             raise _PassDone
 
         def run() -> None:
-            nonlocal split
+            nonlocal split, first_done
             resumed = None
-            if first_pass["done"] and self.gate_resumed is not None and self.gate_resumed[0] is u:
+            if first_done and self.gate_resumed is not None and self.gate_resumed[0] is u:
                 resumed, self.gate_resumed = self.gate_resumed[1], None
                 split = split_segment(gate.tail, self._first_consumer(u))
-            cut = gate if not first_pass["done"] and gate is not None else split
+            cut = gate if not first_done and gate is not None else split
             starts = resumed if resumed is not None else self.inputs
             keep_orig = self.orig_out is None and self.orig_act is not None
             outs, live, size = [], [], 0
@@ -130,7 +131,7 @@ class SegmentWalk:
                 self.gate_live = kept
             elif split is not None:  # the latest pass is the one after any surgery but the consumer's re-fit
                 self.step = _Step(u, split, kept, self._consumer_inputs(u, split))
-            first_pass["done"] = True
+            first_done = True
 
         return run
 
