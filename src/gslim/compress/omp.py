@@ -158,7 +158,7 @@ class _GroupOmpState:
         # the rows not taken, in order, without reading the mask back (a sort, not a nonzero)
         keep = torch.argsort(self.taken.to(torch.int8), stable=True)[:left]
         cols = (keep[:, None] * g + self.columns).view(-1)
-        block = self.V.index_select(0, cols)[:, : (self.k - self.folded) * g]
+        block = self.V[:, : (self.k - self.folded) * g].index_select(0, cols)
         self.Gr = self.Gr.index_select(0, cols).index_select(1, cols).addmm_(block, block.T, alpha=-1)
         self.c = self.c.index_select(0, cols)
         self.R = self.R.index_select(0, keep)
