@@ -121,7 +121,7 @@ class _GroupOmpState:
         errors after each group stay exact for this order."""
         g, m = self.g, groups.numel()
         rows = self.local[groups]
-        idx = (rows[:, None] * g + self.columns).view(-1)
+        idx = self._columns(rows)
         pending = self.V[:, : (self.k - self.folded) * g]
         cols = torch.addmm(self.Gr.index_select(1, idx), pending, pending.index_select(0, idx).T, alpha=-1)
         c_sel = self.c.index_select(0, idx)
@@ -151,13 +151,17 @@ class _GroupOmpState:
         if self.k * g >= self.fold_from and (self.k - self.folded) * g >= min(self.FOLD_COLUMNS, self.F):
             self._fold()
 
+    def _columns(self, rows: torch.Tensor) -> torch.Tensor:
+        """The columns of row groups ``rows`` (a device tensor), g per group, in their order."""
+        return (rows[:, None] * self.g + self.columns).view(-1)
+
     def _fold(self) -> None:
         """Subtract the basis added since the last fold from Gr, on the groups not chosen only."""
         g = self.g
         left = self.groups.shape[0] - (self.k - self.folded)  # groups not chosen (known on the host)
         # the rows not taken, in order, without reading the mask back (a sort, not a nonzero)
         keep = torch.argsort(self.taken.to(torch.int8), stable=True)[:left]
-        cols = (keep[:, None] * g + self.columns).view(-1)
+        cols = self._columns(keep)
         block = self.V[:, : (self.k - self.folded) * g].index_select(0, cols)
         self.Gr = self.Gr.index_select(0, cols).index_select(1, cols).addmm_(block, block.T, alpha=-1)
         self.c = self.c.index_select(0, cols)

@@ -90,7 +90,7 @@ class SegmentWalk:
         first_done = False
         split = self._split_for(u)
         gate = self._gate_split(u, squeeze) if split is not None else None
-        last = max(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
+        last = max(u.consumers, key=self._position)
         last_mod = self.wseg.get_submodule(last)
 
         def stop(m, args):  # registered after the statistics hooks, so it runs after them
@@ -156,14 +156,18 @@ class SegmentWalk:
         self.gate, self.gate_live, self.gate_resumed = None, None, None
         if not squeeze:
             return None
-        first = min(squeeze, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
+        first = min(squeeze, key=self._position)
         cut = split_segment(self.module, first)
         if cut is not None:
             self.gate = (u, cut)
         return cut
 
+    def _position(self, reader: str) -> int:
+        """Where the layer ``reader`` runs in the traced network."""
+        return self.graph.node_index[self.graph.consumer_node[reader]]
+
     def _first_consumer(self, u: Unit) -> str:
-        return min(u.consumers, key=lambda c: self.graph.node_index[self.graph.consumer_node[c]])
+        return min(u.consumers, key=self._position)
 
     def unit_done(self, u: Unit, width: int, keep: list[int]) -> None:
         step, self.step = self.step, None
