@@ -107,7 +107,8 @@ def test_a_batch_without_held_out_images_still_starts_the_held_out_sums():
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         acc.add_dense(conv, x, target_map(conv, conv(x)), torch.tensor([False, False]))
-    assert acc.held.G is not None and acc.held.G.shape == (27, 27) and acc.held.B.shape == (27, 5)
+    # (the Gram is summed offset-major, 9 offsets x 3 channels, and laid out as the columns at the end)
+    assert acc.held.G is not None and acc.held.G.shape == (9, 3, 9, 3) and acc.held.B.shape == (27, 5)
     assert acc.held.rows == 0 and float(acc.held.G.abs().sum()) == 0.0
     st = acc.result(9)
     assert st.held is None and st.rows == 72

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from gslim.compress.bn_recalib import recalibrate_bn  # noqa: F401 - its long-standing import path
-from gslim.compress.dense_stats import dense_cross, dense_gram, explicit_padding, prefer_dense
+from gslim.compress.dense_stats import (
+    channel_major,
+    dense_cross,
+    dense_gram_offsets,
+    explicit_padding,
+    prefer_dense,
+)
 from gslim.compress.omp import Stats
 from gslim.compress.shard import SINGLE, ExactSum, Shard
 from gslim.compress.slim import column_offset
@@ -307,16 +313,20 @@ class StatsAccumulator:
         """Add a batch's every row: ``x`` the consumer's input, ``Y`` its target map (:func:`target_map`),
         ``held`` the held-out images."""
         if held is None:
-            self.fit.add_products(dense_gram(mod, x), dense_cross(mod, x, Y), Y, Y.numel() // Y.shape[1])
+            self.fit.add_products(
+                dense_gram_offsets(mod, x), dense_cross(mod, x, Y), Y, Y.numel() // Y.shape[1]
+            )
             return
         for sums, mask in ((self.fit, ~held), (self.held, held)):
             mask = mask.to(x.device)
             xs, ys = x[mask], Y[mask]
             if xs.shape[0] == 0:  # zeros, still: under torchrun every rank all-reduces the same sums
-                F = x.shape[1] * kernel_group(mod)
-                sums.add_products(x.new_zeros(F, F), x.new_zeros(F, Y.shape[1]), ys, 0)
+                kk, C = kernel_group(mod), x.shape[1]
+                sums.add_products(x.new_zeros(kk, C, kk, C), x.new_zeros(kk * C, Y.shape[1]), ys, 0)
                 continue
-            sums.add_products(dense_gram(mod, xs), dense_cross(mod, xs, ys), ys, ys.numel() // ys.shape[1])
+            sums.add_products(
+                dense_gram_offsets(mod, xs), dense_cross(mod, xs, ys), ys, ys.numel() // ys.shape[1]
+            )
 
     def result(self, group: int) -> Stats:
         if self.fit.G is None:
@@ -359,8 +369,10 @@ class _Sums:
         self.yy = ExactSum()
         self.rows = 0
         self.upper_only = False  # G's blocks below the diagonal are not filled yet
+        self.offset_major = False  # G is (k*k, C, k*k, C), not laid out as the columns yet
 
     def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        assert not self.offset_major, "sampled rows added to the sums of dense Grams"
         X, Y = X.float(), Y.float()
         B = X.T @ Y
         if self.G is None:
@@ -382,9 +394,12 @@ class _Sums:
         self.rows += X.shape[0]
 
     def add_products(self, G: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, rows: int) -> None:
-        """Add a batch's G and B computed elsewhere (float32, whole), with its targets ``Y``."""
+        """Add a batch's G and B computed elsewhere (float32, whole), with its targets ``Y``. G is
+        offset-major (k*k, C, k*k, C), :func:`dense_gram_offsets`: summed as it is, laid out
+        channel-major once, by :meth:`complete`."""
         if self.G is None:
             self.G, self.B = G.double(), B.double()
+            self.offset_major = True
         else:
             assert not self.upper_only, "whole Grams added to one kept as its upper blocks"
             self.G.add_(G)
@@ -398,7 +413,11 @@ class _Sums:
         return [F * i // n for i in range(n + 1)]
 
     def complete(self) -> None:
-        """Fill G's lower blocks from the upper ones (once, after the last batch)."""
+        """Fill G's lower blocks from the upper ones, or lay an offset-major G out as the
+        columns (once, after the last batch)."""
+        if self.offset_major:
+            self.G = channel_major(self.G)
+            self.offset_major = False
         if self.upper_only:
             edges = self._edges()
             for i, (a, b) in enumerate(zip(edges, edges[1:])):

@@ -144,17 +144,58 @@ def _product(x: torch.Tensor, r: tuple[int, int], c: tuple[int, int], shift: tup
     return a.transpose(0, 1).reshape(C, -1) @ b.transpose(0, 1).reshape(C, -1).T
 
 
+class _ShiftedLayout:
+    """The input as one (C, H * Wp * N) matrix, channel-major, images innermost, each row of the map
+    followed by ``pad`` zero columns (Wp = W + pad). A shift (si, sj) of the map is then a shift
+    by (si * Wp + sj) * N of the flat index: a position whose shifted column leaves the map lands
+    in zeros (pad >= |sj|), one whose shifted row leaves it falls off the end, and images never
+    mix. So a difference's bulk product is one matrix product of two strided views of this
+    matrix, with no copy of the shifted windows (``_product`` gathers both into contiguous
+    matrices, which cost as much as the product itself on 28 x 28 and larger maps)."""
+
+    def __init__(self, x: torch.Tensor, pad: int):
+        N, C, H, W = x.shape
+        self.N, self.Wp = N, W + pad
+        padded = x.new_zeros(C, H, self.Wp, N)
+        padded[:, :, :W, :] = x.permute(1, 2, 3, 0)
+        self.flat = padded.view(C, -1)
+
+    def bulk(self, shift: tuple[int, int]) -> torch.Tensor:
+        """sum over images and positions q with q and q + shift inside the map of x(q) x(q + shift)^T."""
+        si, sj = shift
+        n, off = self.flat.shape[1], (si * self.Wp + sj) * self.N
+        lo, hi = max(0, -off), min(n, n - off)
+        return self.flat[:, lo:hi] @ self.flat[:, lo + off : hi + off].T
+
+
 def dense_gram(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """G = X^T X (float32 products) of ``consumer_rows(mod, x)`` with every row, laid out as it
     lays out the columns: (C, kh, kw) channel-major. ``x``: the conv's input (N, C, H, W)."""
+    return channel_major(dense_gram_offsets(mod, x))
+
+
+def channel_major(G: torch.Tensor) -> torch.Tensor:
+    """A (k*k, C, k*k, C) Gram of :func:`dense_gram_offsets` as the (C*k*k)^2 Gram of the unfolded rows."""
+    kk, C = G.shape[:2]
+    return G.permute(1, 0, 3, 2).reshape(C * kk, C * kk)
+
+
+def dense_gram_offsets(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """:func:`dense_gram` offset-major, (k*k, C, k*k, C): the layout it is filled in. A sum over
+    batches can stay in it and be laid out channel-major once (the re-layout is a strided copy
+    of the whole Gram: 25 ms of a 4,608-wide one, a third of adding it to the sum)."""
     x = x.float()
     N, C, H, W = x.shape
     kk = mod.kernel_size[0] * mod.kernel_size[1]
-    # offset-major while filling (each block's rows are contiguous), channel-major at the end
-    G = x.new_zeros(kk, C, kk, C)
-    for diff in _plan(*_geometry_key(mod), H, W):
+    plan = _plan(*_geometry_key(mod), H, W)
+    # offset-major while filling (each block's rows are contiguous); zeros only where a block is
+    # not written (an offset pair that no position reads: maps smaller than the kernel's reach)
+    written = sum(2 - (b.a == b.b) for diff in plan for b in diff.blocks)
+    G = x.new_empty(kk, C, kk, C) if written == kk * kk else x.new_zeros(kk, C, kk, C)
+    shifted = _ShiftedLayout(x, mod.dilation[1] * (mod.kernel_size[1] - 1))
+    for diff in plan:
         (R, K), shift = diff.bulk, diff.shift
-        full = _product(x, R, K, shift)
+        full = shifted.bulk(shift)
         lines: dict[tuple[str, int], torch.Tensor] = {}
 
         def line(kind: str, k: int) -> torch.Tensor:
@@ -181,15 +222,23 @@ def dense_gram(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             G[blk.a, :, blk.b, :] = block
             if blk.a != blk.b:
                 G[blk.b, :, blk.a, :] = block.T
-    return G.permute(1, 0, 3, 2).reshape(C * kk, C * kk)
+    return G
 
 
 def dense_cross(mod: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """B = X^T Y (float32) for ``consumer_rows(mod, x)`` and target map ``y`` (N, O, Ho, Wo),
     all rows: the weight gradient of the conv with ``y`` as the output gradient."""
-    x = F.pad(x.float(), explicit_padding(mod))
+    left, right, top, bottom = explicit_padding(mod)
+    x, padding = x.float(), (top, left)
+    if left != right or top != bottom:  # ('same' with an even kernel) the conv cannot pad unevenly
+        x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
     w = torch.nn.grad.conv2d_weight(
-        x, (y.shape[1], x.shape[1], *mod.kernel_size), y.float(), stride=1, padding=0, dilation=mod.dilation
+        x,
+        (y.shape[1], x.shape[1], *mod.kernel_size),
+        y.float(),
+        stride=1,
+        padding=padding,
+        dilation=mod.dilation,
     )
     # row-major like X^T Y: the OMP's per-step products on B's residual run 4x slower on a transposed one
     return w.reshape(w.shape[0], -1).T.contiguous()
@@ -211,9 +260,10 @@ def dense_cost(mod: nn.Conv2d, x_shape: tuple[int, ...]) -> float:
     """Multiply-adds of :func:`dense_gram` on one batch of shape ``x_shape``, overhead included."""
     N, C, H, W = x_shape
     positions, ops = 0, 0
+    padded_width = W + mod.dilation[1] * (mod.kernel_size[1] - 1)  # the bulk runs over _ShiftedLayout
     for diff in _plan(*_geometry_key(mod), H, W):
         R, K = diff.bulk
-        positions += _size(R) * _size(K)
+        positions += _size(R) * padded_width
         rows = {k for b in diff.blocks if not b.direct for k in b.trimmed_rows}
         cols = {k for b in diff.blocks if not b.direct for k in b.trimmed_cols}
         positions += len(rows) * _size(K) + len(cols) * _size(R)
