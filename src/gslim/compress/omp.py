@@ -101,7 +101,8 @@ class _GroupOmpState:
         """The drop in error from adding each group, by original index (0 for dropped groups,
         which the caller has marked taken)."""
         if self.g == 1:
-            local = self.c.pow(2).sum(1) / self.R.view(-1).clamp_min(1e-30)
+            # a norm, not pow(2).sum(1): no F x O temporary (2,048 x 2,048: 0.6 ms against 10 ms)
+            local = torch.linalg.vector_norm(self.c, dim=1).square() / self.R.view(-1).clamp_min(1e-30)
         else:
             cj = self.c.view(-1, self.g, self.c.shape[1])
             # tr(c_j^T R_j^-1 c_j) = <R_j^-1, c_j c_j^T>: g x g products per candidate instead of
@@ -123,7 +124,9 @@ class _GroupOmpState:
         rows = self.local[groups]
         idx = self._columns(rows)
         pending = self.V[:, : (self.k - self.folded) * g]
-        cols = torch.addmm(self.Gr.index_select(1, idx), pending, pending.index_select(0, idx).T, alpha=-1)
+        # Gr is symmetric: its rows are its columns, and a row is one contiguous read where a
+        # column gathers an element from every row (4,608 x 4,608: 0.01 ms against 0.39 ms)
+        cols = torch.addmm(self.Gr.index_select(0, idx).T, pending, pending.index_select(0, idx).T, alpha=-1)
         c_sel = self.c.index_select(0, idx)
         if m == 1 and g == 1:  # scalar Cholesky factor: avoid the triangular solves
             root = self.R.view(-1).index_select(0, rows).clamp_min(1e-30).sqrt()
