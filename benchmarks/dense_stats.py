@@ -16,7 +16,7 @@ from torch import nn
 
 from gslim.compress.calibrate import StatsAccumulator, consumer_rows, target_map, target_rows
 
-SHAPES = [(512, 7), (256, 14), (128, 28)]
+SHAPES = [(512, 7), (256, 14), (128, 28), (64, 56)]
 
 
 def _median(fns, runs: int = 3) -> list[float]:
