@@ -335,9 +335,9 @@ def markdown(report: dict) -> str:
     head = [
         "model",
         "MACs",
-        "forward (s)",
+        "forward s (before / after)",
         "greedy s",
-        "×fwd",
+        "×fwd (×faster fwd)",
         "greedy-loss s",
         "×fwd",
         "tp-magnitude s",
@@ -354,10 +354,17 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         fwd = r["forward_s"]
-        cells = [r["arch"], f"{r['macs'] / 1e6:.0f} M", f"{fwd:.1f}"]
+        each = r.get("forward_s_each")  # with the greedy: one forward before it and one after
+        cells = [
+            r["arch"],
+            f"{r['macs'] / 1e6:.0f} M",
+            f"{fwd:.1f}" + (f" ({each[0]:.1f} / {each[1]:.1f})" if each else ""),
+        ]
         for m in ("greedy", "greedy-loss", "tp-magnitude", "tp-taylor"):
             cells += list(_cell(r.get(m), fwd, report["max_seconds"]))
         g, gl = r.get("greedy"), r.get("greedy-loss")
+        if g and each:  # the conservative count beside the mean's: one forward can read up to 2x slow
+            cells[4] += f" ({g['seconds'] / min(each):.1f})"
         ratio = "—"
         if g and gl:
             if gl.get("status") == "done":
