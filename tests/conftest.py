@@ -110,3 +110,12 @@ def slim_vs_masked(model, keeps: dict, input_size: int = 32):
     with torch.no_grad():
         want, got = masked(x), slim(x)
     return float((got - want).abs().max()) / max(1.0, float(want.abs().max())), slim
+
+
+def lstsq_error(X, Y, cols) -> float:
+    """Relative squared error of the least-squares fit of ``Y`` on columns ``cols`` of ``X``:
+    what the greedy path's error after selecting those columns must equal (no ridge)."""
+    import torch
+
+    W = torch.linalg.lstsq(X[:, cols], Y).solution
+    return float(((Y - X[:, cols] @ W) ** 2).sum() / (Y**2).sum())

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import slim_vs_masked
+from conftest import lstsq_error, slim_vs_masked
 from gslim.compress import omp
 from gslim.compress.omp import Stats, greedy_select, refit
 from gslim.compress.select import compress_model
@@ -60,11 +60,6 @@ def test_width_changing_grouped_convs_and_se_bottlenecks_are_left_alone_with_rea
     assert "grouped conv 2 with 8 inputs and 16 outputs" in reasons
 
 
-def _lstsq_error(X, Y, cols):
-    W = torch.linalg.lstsq(X[:, cols], Y).solution
-    return float(((Y - X[:, cols] @ W) ** 2).sum() / (Y**2).sum())
-
-
 @pytest.mark.parametrize("fold_columns", [None, 3])
 @pytest.mark.parametrize("group", [1, 4])
 def test_greedy_refit_is_monotone_and_least_squares_optimal(group, fold_columns, monkeypatch):
@@ -81,13 +76,13 @@ def test_greedy_refit_is_monotone_and_least_squares_optimal(group, fold_columns,
     assert all(b <= a + 1e-12 for a, b in zip(path, path[1:])), "error must never increase"
     for k in range(1, C + 1):
         cols = [j * group + t for j in order[:k] for t in range(group)]
-        assert path[k - 1] == pytest.approx(_lstsq_error(X, Y, cols), abs=1e-9)
+        assert path[k - 1] == pytest.approx(lstsq_error(X, Y, cols), abs=1e-9)
         _, err = refit(st, sorted(order[:k]), ridge=0.0)
         assert err == pytest.approx(path[k - 1], abs=1e-9)
 
     # each step is the best single addition (greedy), checked by brute force
     def err_with(chosen, j):
-        return _lstsq_error(X, Y, [c * group + t for c in chosen + [j] for t in range(group)])
+        return lstsq_error(X, Y, [c * group + t for c in chosen + [j] for t in range(group)])
 
     for step in range(C):
         best = min(err_with(order[:step], j) for j in range(C) if j not in order[:step])

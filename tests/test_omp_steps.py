@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import lstsq_error
 from gslim.compress import omp
 from gslim.compress.omp import Stats, greedy_select
 from gslim.errors import GslimError
@@ -23,11 +24,6 @@ def _problem(C: int, group: int, outs: int = 6, N: int = 400, seed: int = 0):
     return X, Y, Stats(X.T @ X, X.T @ Y, float((Y**2).sum()), group, rows=N)
 
 
-def _lstsq_error(X, Y, cols):
-    W = torch.linalg.lstsq(X[:, cols], Y).solution
-    return float(((Y - X[:, cols] @ W) ** 2).sum() / (Y**2).sum())
-
-
 @pytest.mark.parametrize("group", [1, 3])
 def test_block_steps_give_the_exact_error_of_the_order_they_take(group):
     X, Y, st = _problem(40, group)
@@ -37,7 +33,7 @@ def test_block_steps_give_the_exact_error_of_the_order_they_take(group):
     assert all(b <= a + 1e-12 for a, b in zip(path, path[1:])), "error must never increase"
     for k in (1, 4, 5, 9, 17, 30):  # inside and at the ends of blocks
         cols = [j * group + t for j in order[:k] for t in range(group)]
-        assert path[k - 1] == pytest.approx(_lstsq_error(X, Y, cols), abs=1e-9)
+        assert path[k - 1] == pytest.approx(lstsq_error(X, Y, cols), abs=1e-9)
     # the first steps are single (a share of a small width is below one channel)
     assert order[:4] == exact_order[:4]
     # a block's order is greedy at a coarser resolution: never better than the exact path
@@ -73,8 +69,8 @@ def test_folds_that_drop_the_chosen_rows_change_neither_the_order_nor_the_errors
         assert order == ref_order
         assert path == pytest.approx(ref_path, abs=1e-10)
         for k in (3, 17, 40):
-            e1 = _lstsq_error(X1, Y1, order[:k])
-            e3 = _lstsq_error(X3, Y3, [j * 3 + t for j in order[:k] for t in range(3)])
+            e1 = lstsq_error(X1, Y1, order[:k])
+            e3 = lstsq_error(X3, Y3, [j * 3 + t for j in order[:k] for t in range(3)])
             total1, total3 = float((Y1**2).sum()), float((Y3**2).sum())
             assert path[k - 1] == pytest.approx((e1 * total1 + e3 * total3) / (total1 + total3), abs=1e-6)
 

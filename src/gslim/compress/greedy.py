@@ -167,13 +167,14 @@ def run_greedy(
             for u in seg_units:
                 k = widths.get(u.name, u.width) if widths is not None else None
                 width = u.width
-                squeeze = tuple(pointwise_readers(u, sel.wmods))
+                squeeze = pointwise_readers(u, sel.wmods)
                 reports.append(
                     _select_unit(
                         sel,
                         u,
                         k,
                         walk.run_for(u, squeeze),
+                        squeeze,
                         lambda keep, u=u, w=width: walk.unit_sliced(u, w, keep),
                     )
                 )
@@ -193,7 +194,7 @@ def run_greedy(
 
         for u in residual:
             k = widths.get(u.name, u.width) if widths is not None else None
-            reports.append(_select_unit(sel, u, k, run_whole))
+            reports.append(_select_unit(sel, u, k, run_whole, pointwise_readers(u, sel.wmods)))
             sel.finished(u)
             done += 1
             if progress:
@@ -217,13 +218,14 @@ def _select_unit(
     u: Unit,
     k: Optional[int],
     run: Callable[[], None],
+    squeeze: list[str],
     sliced: Optional[Callable[[list[int]], None]] = None,
 ) -> UnitReport:
     """Select ``u``'s channels on statistics from one pass of ``run``, slim it, and re-fit its
-    consumers (and an SE squeeze conv that reads it) to the original network's outputs."""
+    consumers (and ``squeeze``, the SE squeeze convs that read it: :func:`pointwise_readers`) to
+    the original network's outputs."""
     cfg = sel.cfg
     width = u.width
-    squeeze = pointwise_readers(u, sel.wmods)
     const = frozenset(c for c in squeeze if sel.wmods[c].bias is not None)
     collected = _collect(sel, u, u.consumers + squeeze, run, const)
     stats = [collected[c] for c in u.consumers]

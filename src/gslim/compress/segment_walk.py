@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -44,6 +44,18 @@ class _Step:
         return tuple(out)
 
 
+@dataclass
+class _Gate:
+    """An SE unit's cut where its squeeze reads: the first pass's values there (per batch; None
+    when they would not fit) and, after the unit's surgery, those values sliced where they
+    reproduce the segment (the second pass starts from them)."""
+
+    unit: Unit
+    cut: SegmentTail
+    live: Optional[list[tuple]] = None
+    resumed: Optional[list[tuple]] = None
+
+
 class SegmentWalk:
     """One segment of the walk: its statistics passes, then the activations the next segment reads.
 
@@ -70,11 +82,7 @@ class SegmentWalk:
         self.orig_out: Optional[list[torch.Tensor]] = None
         self.check_x = work_act[0][: min(RESUME_CHECK_IMAGES, work_act[0].shape[0])]
         self.step: Optional[_Step] = None
-        # an SE unit: the cut at its squeeze, the first pass's values there, and those values
-        # sliced after its surgery (where the second pass starts)
-        self.gate: Optional[tuple[Unit, SegmentTail]] = None
-        self.gate_live: Optional[list[tuple]] = None
-        self.gate_resumed: Optional[tuple[Unit, list[tuple]]] = None
+        self.gate: Optional[_Gate] = None  # the SE unit being selected, if it has one
         self._restart()
 
     def _restart(self) -> None:
@@ -82,14 +90,15 @@ class SegmentWalk:
         self.module: fx.GraphModule = self.wseg
         self.inputs: list[tuple] = [(x,) for x in self.work_act]
 
-    def run_for(self, u: Unit, squeeze: tuple[str, ...] = ()) -> Callable[[], None]:
+    def run_for(self, u: Unit, squeeze: Sequence[str] = ()) -> Callable[[], None]:
         """The statistics pass for ``u``. With ``squeeze`` (the 1x1 convs inside the unit that
         read it: an SE block's squeeze), the unit is selected in two passes, the second after its
         surgery and the squeeze's re-fit; the first keeps the values where the first squeeze
         reads, so the second runs only from there (the gate, not the expansion before it)."""
         first_done = False
         split = self._split_for(u)
-        gate = self._gate_split(u, squeeze) if split is not None else None
+        self.gate = self._gate_for(u, squeeze) if split is not None else None
+        gate = self.gate.cut if self.gate is not None else None
         last = max(u.consumers, key=self._position)
         last_mod = self.wseg.get_submodule(last)
 
@@ -99,8 +108,8 @@ class SegmentWalk:
         def run() -> None:
             nonlocal split, first_done
             resumed = None
-            if first_done and self.gate_resumed is not None and self.gate_resumed[0] is u:
-                resumed, self.gate_resumed = self.gate_resumed[1], None
+            if first_done and self.gate is not None and self.gate.resumed is not None:
+                resumed, self.gate.resumed = self.gate.resumed, None
                 split = split_segment(gate.tail, self._first_consumer(u))
             cut = gate if not first_done and gate is not None else split
             starts = resumed if resumed is not None else self.inputs
@@ -128,7 +137,7 @@ class SegmentWalk:
                 self.orig_out = outs
             kept = live if size <= RESUME_CACHE_BYTES else None
             if cut is gate and gate is not None:
-                self.gate_live = kept
+                self.gate.live = kept
             elif split is not None:  # the latest pass is the one after any surgery but the consumer's re-fit
                 self.step = _Step(u, split, kept, self._consumer_inputs(u, split))
             first_done = True
@@ -140,27 +149,26 @@ class SegmentWalk:
         its first pass's values at the squeeze, sliced, are where the second starts, if they
         reproduce the segment on the check images (else it starts from the chain's start).
         Called outside the statistics hooks, which must not see the check images."""
-        live, self.gate_live, self.gate_resumed = self.gate_live, None, None
-        if self.gate is None or live is None or self.gate[0] is not u:
+        gate = self.gate
+        if gate is None or gate.unit is not u:
             return
-        cut, kept = self.gate[1], torch.as_tensor(keep, dtype=torch.long)
+        live, gate.live, gate.resumed = gate.live, None, None
+        if live is None:
+            return
+        kept = torch.as_tensor(keep, dtype=torch.long)
         values = [_channels_sliced(v, width, kept) for v in live]
         try:
-            out = cut.tail(*self._few(values[0]))
+            out = gate.cut.tail(*self._few(values[0]))
         except RuntimeError:  # a value the slicing rule missed (or cut): shapes that do not match
             return
         if self._agrees(out, warn=False):
-            self.gate_resumed = (u, values)
+            gate.resumed = values
 
-    def _gate_split(self, u: Unit, squeeze: tuple[str, ...]) -> Optional[SegmentTail]:
-        self.gate, self.gate_live, self.gate_resumed = None, None, None
+    def _gate_for(self, u: Unit, squeeze: Sequence[str]) -> Optional[_Gate]:
         if not squeeze:
             return None
-        first = min(squeeze, key=self._position)
-        cut = split_segment(self.module, first)
-        if cut is not None:
-            self.gate = (u, cut)
-        return cut
+        cut = split_segment(self.module, min(squeeze, key=self._position))
+        return _Gate(u, cut) if cut is not None else None
 
     def _position(self, reader: str) -> int:
         """Where the layer ``reader`` runs in the traced network."""
