@@ -169,3 +169,21 @@ def test_finetune_benchmark_quick(tmp_path):
     again = _run(args, timeout=300)
     assert again.returncode == 0 and "training the base" not in again.stderr
     assert [line for line in again.stdout.splitlines() if line.startswith("| greedy | 50% |")] == rows
+
+
+@pytest.mark.slow
+def test_finetune_streams_quick(tmp_path):
+    """benchmarks/finetune_streams.py: a cell fine-tuned under both rules in a shifted image
+    stream, one table row with its one-shot and both fine-tuned top-1s, and the summaries."""
+    args = ["benchmarks/finetune_streams.py", "--out", str(tmp_path), "--streams", "1", "--quick"]
+    args += ["--methods", "l1", "--budgets", "50%"]
+    proc = _run(args, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| mobilenet_v2 | 50% | l1 | 1 |")]
+    assert len(rows) == 1
+    top1s = [float(c) for c in rows[0].strip(" |").split("|")[4:]]  # one-shot, today, now
+    assert len(top1s) == 3 and all(0 <= t <= 100 for t in top1s)
+    assert "now - today over 1 stream(s)" in proc.stdout
+    for rule in ("today", "now"):
+        assert (tmp_path / f"compare_quick-stream-{rule}1.json").is_file()
+
