@@ -241,9 +241,8 @@ class SegmentWalk:
 
     def _consumer_inputs(self, u: Unit, split: SegmentTail) -> list[tuple[int, int]]:
         """The values kept at ``split`` that ``u``'s consumers read, with their channel dimension."""
-        mods = dict(self.wseg.named_modules())
         consumer_args = {  # a Linear reads its channels last: (N, C) or a channels-last map
-            n.args[0].name: -1 if isinstance(mods.get(n.target), nn.Linear) else 1
+            n.args[0].name: -1 if isinstance(self.wseg.get_submodule(n.target), nn.Linear) else 1
             for n in split.tail.graph.nodes
             if n.op == "call_module" and n.target in u.consumers and isinstance(n.args[0], fx.Node)
         }
