@@ -187,3 +187,25 @@ def test_finetune_streams_quick(tmp_path):
     for rule in ("today", "now"):
         assert (tmp_path / f"compare_quick-stream-{rule}1.json").is_file()
 
+
+@pytest.mark.slow
+def test_knapsack_speed_replays_real_allocations_with_the_same_widths():
+    """benchmarks/knapsack_speed.py: the recorded allocations of a compress, replayed with both
+    front merges, choose the same widths."""
+    args = ["benchmarks/knapsack_speed.py", "--archs", "mobilenet_v2", "--budgets", "50%", "--repeats", "1"]
+    proc = _run(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| mobilenet_v2 | 50% |"))
+    cells = [c.strip() for c in row.strip(" |").split("|")]
+    assert int(cells[3]) >= 1 and cells[-1] == "True"
+
+
+def test_selection_batch_prints_a_row_per_batch():
+    """benchmarks/selection_batch.py: one row per (model, batch) with the CPU time split."""
+    args = ["benchmarks/selection_batch.py", "--archs", "mobilenet_v2", "--batches", "4,8"]
+    args += ["--images", "8", "--size", "32", "--data", "synthetic", "--threads", "1"]
+    proc = _run(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| mobilenet_v2 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["4", "8"]
+    assert all(float(r.split("|")[4]) > 0 for r in rows)

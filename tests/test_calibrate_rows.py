@@ -39,6 +39,11 @@ def test_sampled_rows_equal_the_rows_of_the_full_layout(kw):
     pick = torch.arange(0, n, 3)
     w = conv.weight.reshape(conv.out_channels, -1)
     assert torch.allclose(consumer_rows(conv, x, pick) @ w.T, target_rows(conv, y, pick), atol=1e-5)
+    # sampled targets have their own memory: an in-place op after the hook cannot change them
+    taken = target_rows(conv, y, pick)
+    kept = taken.clone()
+    y.detach().neg_()
+    assert torch.equal(taken, kept)
 
 
 def test_linear_rows_and_their_own_memory():

@@ -92,19 +92,10 @@ def solve_separable(
     for u in units:
         cu = np.asarray(costs[u], dtype=float) - shift[u]
         eu = np.asarray(errors[u], dtype=float)
-        c = (cost[:, None] + cu[None, :]).ravel()
-        e = (err[:, None] + eu[None, :]).ravel()
-        prev = np.repeat(np.arange(len(cost)), len(cu))
-        opt = np.tile(np.arange(len(cu)), len(cost))
-        keep = c <= capacity + 1e-12 * max(1.0, abs(capacity))
-        if not keep.any():
+        found = _merged_front(cost, err, cu, eu, capacity)
+        if found is None:
             return {v: options[v][int(np.argmin(costs[v]))] for v in units}
-        c, e, prev, opt = c[keep], e[keep], prev[keep], opt[keep]
-        order = np.lexsort((-opt, e, c))  # by cost, then error, then the wider option (a tie)
-        c, e, prev, opt = c[order], e[order], prev[order], opt[order]
-        best_before = np.minimum.accumulate(np.concatenate(([np.inf], e[:-1])))
-        pareto = e < best_before - 1e-15  # strictly better than every cheaper point
-        c, e, prev, opt = c[pareto], e[pareto], prev[pareto], opt[pareto]
+        c, e, prev, opt = found
         if len(c) > max_front:  # thin: the best point of each cost bucket
             bucket = np.floor((c - c[0]) / max(capacity - c[0], 1e-12) * max_front).astype(np.int64)
             last = np.r_[
@@ -119,6 +110,40 @@ def solve_separable(
         out[u] = options[u][int(opt[i])]
         i = int(prev[i])
     return {u: out[u] for u in units}
+
+
+def _merged_front(cost, err, cu, eu, capacity: float):
+    """The Pareto front of (front point + one option of the next unit): ``(cost, error,
+    front index, option index)`` sorted by cost with errors strictly falling, or None when no
+    pair fits ``capacity``. A pair is on it when its error is below every cheaper pair's (by
+    more than 1e-15); of pairs with equal cost, the least error and then the widest option
+    (a tie goes to the wider option) stands for them all.
+
+    Half the pairs of a MobileNetV2 allocation tie in cost with another, so the obvious way is
+    a three-key sort by cost, error and option. Here one stable sort by cost and a running
+    minimum leave only the pairs that beat every cheaper one, and only those few are sorted by
+    error and option: the same front (the same widths on the recorded allocations of three
+    models at two budgets), in half the time (MobileNetV2's 20 units, four linearised rounds, up
+    to 470,000 pairs a unit: 0.94 -> 0.48 s, `python benchmarks/knapsack_speed.py`)."""
+    K = len(cu)
+    pair_cost = (cost[:, None] + cu[None, :]).ravel()
+    flat = np.flatnonzero(pair_cost <= capacity + 1e-12 * max(1.0, abs(capacity)))
+    if flat.size == 0:
+        return None
+    flat = flat[np.argsort(pair_cost[flat], kind="stable")]
+    c = pair_cost[flat]
+    e = (err[:, None] + eu[None, :]).ravel()[flat]
+    new_cost = np.r_[True, c[1:] != c[:-1]]
+    run = np.cumsum(new_cost) - 1  # each pair's run of equal costs
+    starts = np.flatnonzero(new_cost)
+    running = np.minimum.accumulate(e)
+    cheaper = np.r_[np.inf, running[starts[1:] - 1]]  # per run: the least error of every cheaper pair
+    beats = np.flatnonzero(e < cheaper[run] - 1e-15)
+    # among those, per run: the least error, then the widest option
+    beats = beats[np.lexsort((-(flat[beats] % K), e[beats], run[beats]))]
+    first = np.r_[True, run[beats][1:] != run[beats][:-1]]
+    keep = beats[first]
+    return c[keep], e[keep], flat[keep] // K, flat[keep] % K
 
 
 def _repair(options, error, cost, budget, widths: Widths) -> Widths:
