@@ -10,7 +10,11 @@ Gaussian noise with random labels where Fashion-MNIST is not installed (``--data
 which was used). For each model, in one process:
 
 * ``forward``: one plain forward pass over the calibration images (eval, no_grad, batch 64)
-  — the unit every other time is divided by, so the ratios carry across machines;
+  — the unit every other time is divided by, so the ratios carry across machines. On Linux a
+  batch of 64 at 224 px makes activations larger than glibc's mmap threshold, which the kernel
+  zeroes on every pass; on a VM that can be most of the forward (``selection_batch.py``
+  measures it; run with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184``
+  for counts without it, BENCHMARKS.md "Without the page faults");
 * ``greedy``: ``compress_model`` (criterion greedy, target MACs, round_to 8) — wall time of
   selection + slimming, all included (planning pass, budget search, OMP, re-fit, surgery);
 * ``greedy-loss``: the same with criterion greedy-loss, run in a child process with a
