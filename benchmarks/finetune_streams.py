@@ -79,7 +79,11 @@ def _child(stream: int, compare_args: list[str]) -> int:
         def __init__(self, *args, seed: int = 0, **kwargs):
             super().__init__(*args, seed=seed + stream, **kwargs)
 
-    # the two names the fine-tune reads them by; the held-out split keeps the recipe's seed
+    # the two names the fine-tune reads them by; the held-out split keeps the recipe's seed. A
+    # rename there would leave the stream unshifted without an error: check they are still read.
+    for module, name in ((loop, "epoch_seed"), (finetune_lr, "epoch_seed"), (loop, "DistributedSampler")):
+        if not hasattr(module, name):
+            raise SystemExit(f"{module.__name__}.{name} is gone: update benchmarks/finetune_streams.py")
     loop.epoch_seed = finetune_lr.epoch_seed = shifted_epoch_seed
     loop.DistributedSampler = ShiftedSampler
     sys.path.insert(0, str(HERE))
