@@ -12,9 +12,11 @@ which was used). For each model, in one process:
 * ``forward``: one plain forward pass over the calibration images (eval, no_grad, batch 64)
   — the unit every other time is divided by, so the ratios carry across machines. On Linux a
   batch of 64 at 224 px makes activations larger than glibc's mmap threshold, which the kernel
-  zeroes on every pass; on a VM that can be most of the forward (``selection_batch.py``
-  measures it; run with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184``
-  for counts without it, BENCHMARKS.md "Without the page faults");
+  zeroes on every pass; on a VM that can be most of the forward (``host_memory.py`` measures
+  it). So by default (``--host-memory keep``) this process keeps freed blocks, as
+  ``GSLIM_HOST_MEMORY=keep`` makes the CLI do, and the counts are the selection's own;
+  ``--host-memory default`` times glibc as it starts (the tables in BENCHMARKS.md before
+  2026-12-05 were measured that way unless they say otherwise);
 * ``greedy``: ``compress_model`` (criterion greedy, target MACs, round_to 8) — wall time of
   selection + slimming, all included (planning pass, budget search, OMP, re-fit, surgery);
 * ``greedy-loss``: the same with criterion greedy-loss, run in a child process with a
@@ -67,6 +69,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--max-memory-gb", type=float, default=8.0, help="greedy-loss child address-space cap")
     ap.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--host-memory",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: large freed tensors stay in the process (gslim.host_memory, GSLIM_HOST_MEMORY=keep), "
+        "so neither the forward nor the selection is timed with the kernel zeroing fresh pages; "
+        "default: glibc as it starts",
+    )
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/selection_speed.json"))
     return ap.parse_args(argv)
 
@@ -226,6 +236,11 @@ def greedy_loss_estimate(model: nn.Module, size: int, cfg, fwd_per_image: float,
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    host_memory = "glibc default"
+    if args.host_memory == "keep":  # first: before the calibration images and models exist
+        from gslim.host_memory import keep_freed_memory
+
+        host_memory = keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore")
@@ -248,6 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "environment": environment_info("cpu"),
         "threads": args.threads,
+        "host_memory": host_memory,
         "data": data_desc,
         "images": args.images,
         "size": args.size,
@@ -352,7 +368,8 @@ def markdown(report: dict) -> str:
     ]
     lines = [
         f"\n{report['images']} calibration images at {report['size']}x{report['size']} ({report['data']}), "
-        f"budget {report['budget']} MACs, {report['threads']} thread(s), {report['environment']['cpu']}\n",
+        f"budget {report['budget']} MACs, {report['threads']} thread(s), host memory "
+        f"{report.get('host_memory', 'glibc default')}, {report['environment']['cpu']}\n",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * (len(head) - 1),
     ]

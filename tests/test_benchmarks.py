@@ -125,6 +125,9 @@ def test_selection_speed_tiny(tmp_path):
     assert row["forward_s"] > 0 and row["greedy"]["seconds"] > 0
     assert row["greedy-loss"]["status"] in ("done", "cut") and row["greedy-loss"]["estimate_s"] > 0
     assert "| mobilenet_v2 |" in proc.stdout
+    # by default timed with freed blocks kept (what GSLIM_HOST_MEMORY=keep makes the CLI do)
+    if sys.platform.startswith("linux"):
+        assert json.loads(js.read_text())["host_memory"] == "kept"
 
 
 @pytest.mark.slow
@@ -209,3 +212,20 @@ def test_selection_batch_prints_a_row_per_batch():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| mobilenet_v2 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["4", "8"]
     assert all(float(r.split("|")[4]) > 0 for r in rows)
+
+
+def test_host_memory_prints_both_settings_and_their_ratio():
+    """benchmarks/host_memory.py: a row per setting from its own child process, then the ratios."""
+    args = ["benchmarks/host_memory.py", "--archs", "mobilenet_v2", "--rounds", "1", "--images", "8"]
+    args += ["--size", "32", "--batch", "8", "--train-steps", "1", "--data", "synthetic", "--threads", "1"]
+    proc = _run(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        line.split("|")[2].strip() for line in proc.stdout.splitlines() if line.startswith("| mobilenet_v2 |")
+    ]
+    expected = [
+        "default",
+        "kept" if sys.platform.startswith("linux") else "kept (not glibc)",
+        "default / kept",
+    ]
+    assert rows == expected

@@ -43,6 +43,11 @@ def _root(
     ),
 ) -> None:
     _STATE["debug"] = debug or bool(os.environ.get("GSLIM_DEBUG"))
+    # GSLIM_HOST_MEMORY=keep: large freed tensors stay in the process instead of being faulted
+    # in and zeroed by the kernel on every pass (gslim.host_memory: faster, more memory)
+    from gslim.host_memory import apply_from_environment
+
+    apply_from_environment()
 
 
 def _register() -> None:
