@@ -84,3 +84,18 @@ def test_the_cli_reports_an_unknown_setting_as_one_line():
     assert proc.stderr.strip().splitlines() == [
         "gslim: error: GSLIM_HOST_MEMORY='fast': expected 'keep' (or 'default', or unset)"
     ]
+
+
+@glibc_only
+def test_a_selection_mostly_in_the_kernel_gets_a_hint_once_not_kept(monkeypatch):
+    import gslim.host_memory as hm
+
+    monkeypatch.setattr(hm, "_kept", False)
+    hint = hm.kernel_time_hint(5.4, 8.1, "selection")
+    assert hint is not None and "60% of the selection's CPU time" in hint and "GSLIM_HOST_MEMORY=keep" in hint
+    assert hm.kernel_time_hint(15.2, 0.2, "selection") is None  # user time: nothing to suggest
+    monkeypatch.setattr(hm, "_kept", True)
+    assert hm.kernel_time_hint(5.4, 8.1, "selection") is None  # already applied
+    monkeypatch.setattr(hm, "_kept", False)
+    monkeypatch.setattr(hm, "_glibc", lambda: None)
+    assert hm.kernel_time_hint(5.4, 8.1, "selection") is None  # not glibc: the setting does nothing

@@ -12,8 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+try:
+    import resource  # (POSIX only: the kernel-time hint is skipped elsewhere)
+except ImportError:  # pragma: no cover
+    resource = None
+
 from gslim.environment import ensure_run_dir, environment_info
 from gslim.errors import GslimError
+from gslim.host_memory import kernel_time_hint
 from gslim.progress import bar
 from gslim.recipe import Recipe
 
@@ -108,6 +114,7 @@ def _compress_stage(
     work = model if shard.device.type == "cpu" else copy.deepcopy(model).to(shard.device)
     x, y = x.to(shard.device), y.to(shard.device)
     torch.set_flush_denormal(True)  # denormals from near-dead channels slow CPU convs several-fold
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF) if resource is not None else None
     try:
         with bar(progress, "selecting channels", None, unit="") as task:
 
@@ -134,6 +141,13 @@ def _compress_stage(
                 result, latency_info = compress_to_latency(recipe, model, size, run)
     finally:
         torch.set_flush_denormal(False)  # the process default; callers may compute on after us
+    if cpu_before is not None and shard.device.type == "cpu" and shard.info.is_main:
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        hint = kernel_time_hint(
+            cpu_after.ru_utime - cpu_before.ru_utime, cpu_after.ru_stime - cpu_before.ru_stime, "selection"
+        )
+        if hint:
+            print(f"gslim: {hint}", file=sys.stderr, flush=True)
     macs1, params1 = count_macs_params(result.model, size)
     slim_spec = ModelSpec(
         spec.arch,
