@@ -87,7 +87,7 @@ def test_the_cli_reports_an_unknown_setting_as_one_line():
 
 
 @glibc_only
-def test_a_selection_mostly_in_the_kernel_gets_a_hint_once_not_kept(monkeypatch):
+def test_a_selection_mostly_in_the_kernel_gets_a_hint_unless_kept(monkeypatch):
     import gslim.host_memory as hm
 
     monkeypatch.setattr(hm, "_kept", False)
