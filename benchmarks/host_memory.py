@@ -55,7 +55,7 @@ def child(a: argparse.Namespace) -> dict:
         from gslim.host_memory import keep_freed_memory
 
         applied = keep_freed_memory()
-    from selection_speed import calibration
+    from selection_speed import calibration, forward_seconds
 
     from gslim.compress.select import compress_model
     from gslim.models import build_architecture
@@ -65,12 +65,7 @@ def child(a: argparse.Namespace) -> dict:
     x, y, source = calibration(a.images, a.size, a.data)
     torch.manual_seed(0)
     model = build_architecture(arch, 1000).eval()
-    with torch.no_grad():
-        model(x[: a.batch])
-        t0 = time.perf_counter()
-        for xb in x.split(a.batch):
-            model(xb)
-        forward = time.perf_counter() - t0
+    forward = forward_seconds(model, x, a.batch)
     cfg = CompressConfig(criterion="greedy", target_macs=0.5, round_to=8, bn_recalib=False)
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     slim = compress_model(model, a.size, x, y, cfg, seed=0, batch_size=a.batch).model
