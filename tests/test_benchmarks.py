@@ -229,3 +229,17 @@ def test_host_memory_prints_both_settings_and_their_ratio():
         "default / kept",
     ]
     assert rows == expected
+
+
+def test_omp_precision_times_both_precisions_and_compares_their_units():
+    """benchmarks/omp_precision.py: a row per model with both precisions' times and how their
+    selections agree (the same model and images under both)."""
+    args = ["benchmarks/omp_precision.py", "--archs", "mobilenet_v3_small", "--rounds", "2", "--images", "8"]
+    args += ["--size", "32", "--data", "synthetic", "--threads", "1"]
+    proc = _run(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| mobilenet_v3_small |"))
+    cells = [c.strip() for c in row.strip(" |").split("|")]
+    units = int(cells[5].split("/")[1])
+    assert units > 0 and float(cells[4].rstrip("x")) > 0
+    assert 0.0 <= float(cells[7]) <= 1.0

@@ -25,7 +25,7 @@ from gslim.compress.calibrate import (
     unit_columns,
     unit_span,
 )
-from gslim.compress.omp import Stats, channels_of, coarsen, greedy_select, refit, subset_error
+from gslim.compress.omp import Stats, channels_of, coarsen, greedy_select, path_dtype, refit, subset_error
 from gslim.compress.planning import TargetStore, max_rows, pointwise_readers
 from gslim.compress.segment_walk import SegmentWalk
 from gslim.compress.selection import Progress, UnitReport
@@ -234,15 +234,20 @@ def _select_unit(
     else:
         # whole groups of u.atom channels where a grouped conv carries the unit (1: channels)
         coarse, a = [coarsen(st, u.atom) for st in stats], u.atom
+        dtype = path_dtype(cfg.omp_precision, cfg.ridge)
         groups, _ = greedy_select(
-            coarse, k=None if k is None else -(-k // a), eps=cfg.eps if k is None else None, ridge=cfg.ridge
+            coarse,
+            k=None if k is None else -(-k // a),
+            eps=cfg.eps if k is None else None,
+            ridge=cfg.ridge,
+            dtype=dtype,
         )
         if k is None:  # eps-driven: round the count up, adding the next greedy choices
             kr = budget_mod.round_width(
                 len(groups) * a, width, budget_mod.unit_round_to(cfg.round_to, a), cfg.min_width
             )
             if kr > len(groups) * a:
-                groups, _ = greedy_select(coarse, k=kr // a, ridge=cfg.ridge)
+                groups, _ = greedy_select(coarse, k=kr // a, ridge=cfg.ridge, dtype=dtype)
         order = channels_of(groups, a)
     # the ranks hold the same sums; rank 0's choice is everyone's, whatever the last bit of float
     order = sel.shard.from_rank0(order)

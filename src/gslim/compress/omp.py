@@ -17,6 +17,13 @@ pass over the data. The drop in error from adding group j is tr(c_j^T R_j^-1 c_j
 Several consumers reading the same channels (a residual stream, or a stem read by a
 block and its shortcut) keep one state each and are scored jointly: the chosen channel
 is the one that lowers the *sum* of their errors.
+
+The statistics are float64 sums; the path's own arithmetic (the Schur complement, the residual
+cross term, the scores) runs in ``dtype``, float32 by default in gslim's recipes
+(``compress.omp_precision``): it is arithmetic-bound on a CPU, so float32 halves it, and the
+ridge keeps every residual block at least ``ridge`` times the mean feature energy away from
+singular, far above float32's rounding. The errors along the path are summed in float64, and
+the re-fit of the kept channels (:func:`refit`) is float64 whatever the path's precision.
 """
 
 from __future__ import annotations
@@ -71,19 +78,19 @@ class _GroupOmpState:
     #: 1.57 / 2.00 s; no fold 1.84 / 2.23 s; before the rows were dropped, 256: 2.44 / 2.22 s.
     FOLD_COLUMNS = 768
 
-    def __init__(self, st: Stats, ridge: float, capacity: int):
+    def __init__(self, st: Stats, ridge: float, capacity: int, dtype: torch.dtype = torch.float64):
         g, F = st.group, st.G.shape[0]
         dev = st.G.device
         self.fold_from = self.FOLD_FROM * F if capacity * g >= self.FOLD_PATHS_TO * F else float("inf")
         self.g, self.C, self.F = g, F // g, F
         lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
-        self.Gr = st.G + lam * torch.eye(F, dtype=st.G.dtype, device=dev)
-        self.c = thin_cross(st.B, st.rows)
+        self.Gr = st.G.to(dtype) + lam * torch.eye(F, dtype=dtype, device=dev)  # (a copy: the state's own)
+        self.c = thin_cross(st.B, st.rows).to(dtype)
         idx = torch.arange(self.C, device=dev)
         blocks = self.Gr.view(self.C, g, self.C, g)[idx, :, idx, :]  # (C, g, g) diagonal blocks
         self.R = blocks.clone()
         self.capacity = capacity
-        self.V = torch.zeros(F, capacity * g, dtype=st.G.dtype, device=dev)
+        self.V = torch.zeros(F, capacity * g, dtype=dtype, device=dev)
         self.k = 0
         self.folded = 0  # groups of V already subtracted from Gr (Gr is this state's own copy)
         self.groups = idx  # the original index of each group still in the state (its rows)
@@ -95,7 +102,7 @@ class _GroupOmpState:
         self.errs = torch.empty(capacity, dtype=torch.float64, device=dev)
         self.err = torch.tensor(self.yy, dtype=torch.float64, device=dev)
         self.columns = torch.arange(g, device=dev)
-        self.eye = torch.eye(g, dtype=st.G.dtype, device=dev)
+        self.eye = torch.eye(g, dtype=dtype, device=dev)
 
     def scores(self) -> torch.Tensor:
         """The drop in error from adding each group, by original index (0 for dropped groups,
@@ -144,11 +151,13 @@ class _GroupOmpState:
         self.taken[rows] = True
         start = (self.k - self.folded) * g
         self.V[:, start : start + m * g] = v
+        # the errors in float64 whatever the path's precision: a long path subtracts many small drops
         if m == 1:
-            self.err = self.err - u.pow(2).sum()
+            self.err = self.err - u.pow(2).sum(dtype=torch.float64)
             self.errs[self.k] = self.err
         else:  # (the planning path: a cumulative sum is not the step-by-step rounding, no matter)
-            self.errs[self.k : self.k + m] = self.err - u.view(m, g, -1).pow(2).sum((1, 2)).cumsum(0)
+            drops = u.view(m, g, -1).pow(2).sum((1, 2), dtype=torch.float64)
+            self.errs[self.k : self.k + m] = self.err - drops.cumsum(0)
             self.err = self.errs[self.k + m - 1].clone()
         self.k += m
         if self.k * g >= self.fold_from and (self.k - self.folded) * g >= min(self.FOLD_COLUMNS, self.F):
@@ -206,6 +215,7 @@ def greedy_select(
     ridge: float = 1e-3,
     min_k: int = 1,
     block_share: Optional[float] = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[list[int], list[float]]:
     """Greedy forward selection over channels shared by ``stats`` (one per consumer).
 
@@ -217,6 +227,9 @@ def greedy_select(
     chosen, the next ``floor(block_share * n)`` best-scoring ones are added together in one
     block step, scored once instead of after each addition. The errors stay exact for the
     order taken; the order is greedy at a resolution of that share of the width.
+
+    ``dtype``: the precision of the path's arithmetic (the module's docstring); the errors
+    returned are summed in float64 either way.
     """
     C = stats[0].channels
     if any(st.channels != C for st in stats):
@@ -227,7 +240,7 @@ def greedy_select(
     if stats[0].G.shape[0] <= 2048:
         torch.set_num_threads(1)
     try:
-        return _greedy_select(stats, k, eps, ridge, min_k, C, block_share)
+        return _greedy_select(stats, k, eps, ridge, min_k, C, block_share, dtype)
     finally:
         torch.set_num_threads(threads)
 
@@ -240,6 +253,7 @@ def _greedy_select(
     min_k: int,
     C: int,
     block_share: Optional[float],
+    dtype: torch.dtype,
 ) -> tuple[list[int], list[float]]:
     limit = C if k is None else min(k, C)
     if k is None:
@@ -248,7 +262,7 @@ def _greedy_select(
         limit = min(
             limit, max(1, -(-min(st.rows for st in stats) // stats[0].group)) if stats[0].rows else limit
         )
-    states = [_GroupOmpState(st, ridge, limit) for st in stats]
+    states = [_GroupOmpState(st, ridge, limit, dtype) for st in stats]
     g, dev = stats[0].group, stats[0].G.device
     total = sum(s.yy for s in states) or 1.0
     order = torch.empty(limit, dtype=torch.long, device=dev)
@@ -283,6 +297,18 @@ def _greedy_select(
             "with no ridge); set compress.ridge above 0"
         )
     return order[:n].tolist(), path
+
+
+#: float32 paths rely on the ridge to keep residual blocks away from singular: below this
+#: (relative) ridge the path runs in float64 whatever ``compress.omp_precision`` says
+MIN_RIDGE_FLOAT32 = 1e-4
+
+
+def path_dtype(precision: str, ridge: float) -> torch.dtype:
+    """The dtype of a greedy path's arithmetic for ``compress.omp_precision`` and ``compress.ridge``."""
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"unknown precision {precision!r}")
+    return torch.float32 if precision == "float32" and ridge >= MIN_RIDGE_FLOAT32 else torch.float64
 
 
 #: a block step adds at most this many columns (its Cholesky factor is (m*g)^2)

@@ -22,7 +22,7 @@ from gslim.compress.calibrate import (
     target_rows,
     unit_columns,
 )
-from gslim.compress.omp import coarsen, greedy_select, per_channel_curve, prediction_error_curve
+from gslim.compress.omp import coarsen, greedy_select, path_dtype, per_channel_curve, prediction_error_curve
 from gslim.compress.selection import PLANNING_FLOOR
 from gslim.compress.shard import SINGLE, Shard
 from gslim.compress.units import Unit, UnitGraph
@@ -151,7 +151,13 @@ def planning_curves(
     for u in units:
         stats = [coarsen(accs[(u.name, c)].result(kernel_group(mods[c])), u.atom) for c in u.consumers]
         # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
-        _, path = greedy_select(stats, eps=PLANNING_FLOOR, ridge=cfg.ridge, block_share=PLANNING_BLOCK_SHARE)
+        _, path = greedy_select(
+            stats,
+            eps=PLANNING_FLOOR,
+            ridge=cfg.ridge,
+            block_share=PLANNING_BLOCK_SHARE,
+            dtype=path_dtype(cfg.omp_precision, cfg.ridge),
+        )
         curve = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
         curves[u.name] = per_channel_curve(curve, u.atom)
     return curves
