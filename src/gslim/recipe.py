@@ -276,7 +276,7 @@ class CompressConfig(_Section):
     omp_precision: Literal["float32", "float64"] = Field(
         "float32",
         description="greedy: precision of the selection path's arithmetic (the statistics and the "
-        "re-fit stay float64); float64 is up to 2.5x slower on a CPU",
+        "re-fit stay float64); a float64 path took up to 2.5x longer on a CPU",
     )
     loss_batch: int = Field(64, ge=1, description="greedy-loss: calibration images scoring each candidate")
     loss_candidates: Optional[int] = Field(

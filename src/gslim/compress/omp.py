@@ -20,9 +20,10 @@ is the one that lowers the *sum* of their errors.
 
 The statistics are float64 sums; the path's own arithmetic (the Schur complement, the residual
 cross term, the scores) runs in ``dtype``, float32 by default in gslim's recipes
-(``compress.omp_precision``): it is arithmetic-bound on a CPU, so float32 halves it, and the
-ridge keeps every residual block at least ``ridge`` times the mean feature energy away from
-singular, far above float32's rounding. The errors along the path are summed in float64, and
+(``compress.omp_precision``): it is arithmetic-bound on a CPU, so float32 about halves it on
+wide Grams (ResNet-18's 4,608-column paths: 6.3 -> 2.9 s), and the ridge keeps every residual
+block at least ``ridge`` times the mean feature energy away from singular, far above float32's
+rounding. The errors along the path are summed in float64, and
 the re-fit of the kept channels (:func:`refit`) is float64 whatever the path's precision.
 """
 
