@@ -274,9 +274,7 @@ class CompressConfig(_Section):
         200_000, ge=1000, description="spatial positions sampled per unit for the greedy statistics"
     )
     omp_precision: Literal["float32", "float64"] = Field(
-        "float32",
-        description="greedy: precision of the selection path's arithmetic (the statistics and the "
-        "re-fit stay float64); a float64 path took up to 2.5x longer on a CPU",
+        "float32", description="greedy: the selection path's arithmetic (statistics and re-fit: float64)"
     )
     loss_batch: int = Field(64, ge=1, description="greedy-loss: calibration images scoring each candidate")
     loss_candidates: Optional[int] = Field(
@@ -300,11 +298,8 @@ class CompressConfig(_Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "CompressConfig":
-        given = [
-            n
-            for n in ("eps", "target_macs", "target_params", "target_latency")
-            if getattr(self, n) is not None
-        ]
+        budgets = ("eps", "target_macs", "target_params", "target_latency")
+        given = [n for n in budgets if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(
                 f"give one of eps, target_macs, target_params, target_latency (got {', '.join(given)})"
