@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -20,18 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gslim.compress.bn_recalib import recalibrate_bn  # noqa: F401 - its long-standing import path
-from gslim.compress.dense_stats import (
-    channel_major,
-    dense_cross,
-    dense_gram_offsets,
-    explicit_padding,
-    prefer_dense,
-)
-from gslim.compress.omp import Stats
-from gslim.compress.shard import SINGLE, ExactSum, Shard
+from gslim.compress.dense_stats import explicit_padding, prefer_dense
 from gslim.compress.slim import column_offset
+
+# the sums live in their own module; their long-standing import path is this one
+from gslim.compress.sums import HOLDOUT_FRACTION, Sample, StatsAccumulator  # noqa: F401
 from gslim.compress.units import Unit
-from gslim.errors import GslimError
 
 
 @dataclass
@@ -246,197 +240,6 @@ def kernel_group(mod: nn.Module) -> int:
     if isinstance(mod, nn.Linear):
         return 1
     return mod.kernel_size[0] * mod.kernel_size[1]
-
-
-HOLDOUT_FRACTION = 0.2  # of the sampled rows, kept out of the fit to measure its error honestly
-
-
-class Sample(NamedTuple):
-    """The rows one batch contributes: ``pick`` (indices into its rows) and, of those, the
-    ``held`` ones (a mask; None without a held-out share). ``pick`` None: every row, through
-    dense statistics (:mod:`gslim.compress.dense_stats`); ``held`` then masks whole images."""
-
-    pick: Optional[torch.Tensor]
-    held: Optional[torch.Tensor]
-
-
-class StatsAccumulator:
-    """Accumulates G = X^T X, B = X^T Y, ||Y||^2 in float64 over batches.
-
-    Rows are sampled (``fraction``) and a seeded share of them (``holdout``) goes to a second,
-    held-out set of the same sums: the fit uses the first, its error is measured on the second.
-    ``draw`` gives the sample of a batch before its rows exist, so features and targets taken in
-    different passes (pruned and original network) use the same rows. Each batch's sample comes
-    from a generator seeded by (this accumulator's seed, the batch's index in the whole
-    calibration set), so it is the same whichever torchrun rank runs the batch (``shard``);
-    :meth:`result` all-reduces the sums across ranks.
-    """
-
-    def __init__(
-        self,
-        fraction: float,
-        generator: torch.Generator,
-        holdout: float = HOLDOUT_FRACTION,
-        shard: Optional[Shard] = None,
-        dense: bool = False,
-    ):
-        self.fraction, self.holdout, self.dense = fraction, holdout, dense
-        self.shard = shard or SINGLE
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        self.batches = 0  # batches drawn so far on this rank
-        self.fit = _Sums()
-        self.held = _Sums()
-        self.reduced = False
-
-    def draw(self, n: int, images: int = 1) -> Sample:
-        """The sample of the next batch, which has ``n`` rows of ``images`` images."""
-        index = self.shard.global_index(self.batches)
-        self.batches += 1
-        gen = torch.Generator().manual_seed((self.seed + index * 1_000_003) % (2**63 - 1))
-        if self.dense:  # every row; the held-out share is whole images (at least one is fitted)
-            held = torch.rand(images, generator=gen) < self.holdout if self.holdout > 0.0 else None
-            if held is not None and bool(held.all()):
-                held[0] = False
-            return Sample(None, held)
-        if self.fraction >= 1.0:
-            pick = torch.arange(n)
-        else:
-            pick = torch.nonzero(torch.rand(n, generator=gen) < self.fraction).flatten()
-        held = torch.rand(pick.shape[0], generator=gen) < self.holdout if self.holdout > 0.0 else None
-        return Sample(pick, held)
-
-    def add(self, X: torch.Tensor, Y: torch.Tensor, held: Optional[torch.Tensor]) -> None:
-        """Add a batch's sampled rows (``held``: the mask of :meth:`draw`'s sample)."""
-        if held is None:
-            self.fit.add(X, Y)
-            return
-        held = held.to(X.device)
-        self.fit.add(X[~held], Y[~held])
-        self.held.add(X[held], Y[held])
-
-    def add_dense(
-        self, mod: nn.Conv2d, x: torch.Tensor, Y: torch.Tensor, held: Optional[torch.Tensor]
-    ) -> None:
-        """Add a batch's every row: ``x`` the consumer's input, ``Y`` its target map (:func:`target_map`),
-        ``held`` the held-out images."""
-        if held is None:
-            self.fit.add_products(
-                dense_gram_offsets(mod, x), dense_cross(mod, x, Y), Y, Y.numel() // Y.shape[1]
-            )
-            return
-        for sums, mask in ((self.fit, ~held), (self.held, held)):
-            mask = mask.to(x.device)
-            xs, ys = x[mask], Y[mask]
-            if xs.shape[0] == 0:  # zeros, still: under torchrun every rank all-reduces the same sums
-                kk, C = kernel_group(mod), x.shape[1]
-                sums.add_products(x.new_zeros(kk, C, kk, C), x.new_zeros(kk * C, Y.shape[1]), ys, 0)
-                continue
-            sums.add_products(
-                dense_gram_offsets(mod, xs), dense_cross(mod, xs, ys), ys, ys.numel() // ys.shape[1]
-            )
-
-    def result(self, group: int) -> Stats:
-        if self.fit.G is None:
-            raise GslimError("no calibration data reached a consumer (is the calibration set empty?)")
-        if not self.reduced:  # every rank holds the sums of all ranks from here on
-            for sums in (self.fit, self.held):
-                if sums.G is not None:
-                    sums.complete()
-                    sums.reduce(self.shard)
-            self.reduced = True
-        held = None
-        if self.held.G is not None and self.held.rows > 0:
-            h = self.held
-            held = Stats(h.G, h.B, float(h.yy), group, h.rows)
-        f = self.fit
-        return Stats(f.G, f.B, float(f.yy), group, f.rows, held=held)
-
-
-class _Sums:
-    """G, B, ||Y||^2 and the row count of the rows added so far.
-
-    The order of the batches must not change the totals, so that a selection whose batches are
-    split across torchrun ranks equals the one-process selection (a last-bit difference is enough
-    for a near-tie in the budget's knapsack or in an under-determined OMP step to go the other
-    way: measured on MobileNetV3-small). Each batch's G and B are float32 products; their float64
-    sum is exact, whatever the order, unless one entry's terms span more than 2^25 across batches
-    (24-bit terms in a 53-bit sum, less the bits of the batch count). ||Y||^2 is summed in float64
-    per batch, so its batch totals are rounded: they are added with TwoSum (:class:`ExactSum`).
-    Summing the Grams with TwoSum too was measured 2.6x slower on ResNet-18 (4,608-wide Grams).
-    """
-
-    #: Grams this wide are added block by block, upper triangle only, and mirrored once at the
-    #: end: 4,608 columns x 2,048 rows, one thread, 0.86 s per batch as one product, 0.50 s in
-    #: blocks of 768 (a k x k consumer of a wide layer: ResNet's 512-channel 3x3 convs)
-    BLOCK = 768
-
-    def __init__(self) -> None:
-        self.G: Optional[torch.Tensor] = None
-        self.B: Optional[torch.Tensor] = None
-        self.yy = ExactSum()
-        self.rows = 0
-        self.upper_only = False  # G's blocks below the diagonal are not filled yet
-        self.offset_major = False  # G is (k*k, C, k*k, C), not laid out as the columns yet
-
-    def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        assert not self.offset_major, "sampled rows added to the sums of dense Grams"
-        X, Y = X.float(), Y.float()
-        B = X.T @ Y
-        if self.G is None:
-            F = X.shape[1]
-            self.G = torch.zeros(F, F, dtype=torch.float64, device=X.device)
-            self.B = B.double()
-        else:
-            self.B.add_(B)
-        edges = self._edges()
-        if len(edges) == 2:
-            self.G.add_(X.T @ X)  # promoted to float64 in place: no float64 copy of a large Gram
-        else:
-            assert self.upper_only or self.rows == 0, "rows added after the Gram was completed"
-            for i, (a, b) in enumerate(zip(edges, edges[1:])):
-                for c, d in zip(edges[i:], edges[i + 1 :]):
-                    self.G[a:b, c:d].add_(X[:, a:b].T @ X[:, c:d])
-            self.upper_only = True
-        self.yy.add(Y.double().pow(2).sum())
-        self.rows += X.shape[0]
-
-    def add_products(self, G: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, rows: int) -> None:
-        """Add a batch's G and B computed elsewhere (float32, whole), with its targets ``Y``. G is
-        offset-major (k*k, C, k*k, C), :func:`dense_gram_offsets`: summed as it is, laid out
-        channel-major once, by :meth:`complete`."""
-        if self.G is None:
-            self.G, self.B = G.double(), B.double()
-            self.offset_major = True
-        else:
-            assert not self.upper_only, "whole Grams added to one kept as its upper blocks"
-            self.G.add_(G)
-            self.B.add_(B)
-        self.yy.add(Y.double().pow(2).sum())
-        self.rows += rows
-
-    def _edges(self) -> list[int]:
-        F = self.G.shape[0]
-        n = 1 if F < 2 * self.BLOCK else -(-F // self.BLOCK)
-        return [F * i // n for i in range(n + 1)]
-
-    def complete(self) -> None:
-        """Fill G's lower blocks from the upper ones, or lay an offset-major G out as the
-        columns (once, after the last batch)."""
-        if self.offset_major:
-            self.G = channel_major(self.G)
-            self.offset_major = False
-        if self.upper_only:
-            edges = self._edges()
-            for i, (a, b) in enumerate(zip(edges, edges[1:])):
-                for c, d in zip(edges[i + 1 :], edges[i + 2 :]):
-                    self.G[c:d, a:b] = self.G[a:b, c:d].T
-            self.upper_only = False
-
-    def reduce(self, shard: Shard) -> None:
-        shard.sum_(self.G)
-        shard.sum_(self.B)
-        shard.exact_sum_(self.yy)
-        self.rows = int(shard.sum_numbers([float(self.rows)])[0])
 
 
 def rows_per_image(mod: nn.Module, y_shape: torch.Size) -> int:

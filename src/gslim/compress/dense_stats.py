@@ -281,7 +281,7 @@ def dense_cost(mod: nn.Conv2d, x_shape: tuple[int, ...]) -> float:
 
 def sampled_cost(mod: nn.Conv2d, x_shape: tuple[int, ...], rows: float) -> float:
     """Multiply-adds of the sampled statistics' Gram of ``rows`` rows on one batch of ``x_shape``
-    (a wide Gram is formed as its upper blocks, :class:`gslim.compress.calibrate._Sums`)."""
+    (a wide Gram is formed as its upper blocks, :class:`gslim.compress.sums._Sums`)."""
     kk = mod.kernel_size[0] * mod.kernel_size[1]
     F = kk * x_shape[1]
     return rows * F * F * (0.5 if F >= 1536 else 1.0) + 3 * OP_MACS
