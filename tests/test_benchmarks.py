@@ -243,3 +243,18 @@ def test_omp_precision_times_both_precisions_and_compares_their_units():
     units = int(cells[5].split("/")[1])
     assert units > 0 and float(cells[4].rstrip("x")) > 0
     assert 0.0 <= float(cells[7]) <= 1.0
+
+
+def test_statistics_sums_times_both_ways_of_each_sum_and_their_difference():
+    """benchmarks/statistics_sums.py: a row per Gram width and per model, both timings, and how
+    far the two results are apart (float rounding only)."""
+    args = ["benchmarks/statistics_sums.py", "--widths", "64,520", "--archs", "mobilenet_v3_small"]
+    args += ["--images", "16", "--size", "32", "--rounds", "1", "--threads", "1"]
+    proc = _run(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    heads = ("| columns |", "| model |")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith(heads)]
+    assert [r.split("|")[1].strip() for r in rows] == ["64", "520", "mobilenet_v3_small"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip(" |").split("|")]
+        assert float(cells[-2]) > 0 and float(cells[-1]) < 1e-3

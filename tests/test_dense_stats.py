@@ -121,7 +121,7 @@ def test_a_selection_on_dense_statistics_equals_one_on_every_row_sampled(monkeyp
 
     # every row, none held out: both ways fit the very same rows (well determined: 1,024+ rows
     # per consumer for at most 288 unknowns), so they must choose the same channels
-    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0, None, False))
+    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0, None, False, None))
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     cfg = CompressConfig(criterion="greedy", target_macs=0.5, round_to=4, min_width=4, bn_recalib=False)
     chosen = {}

@@ -125,7 +125,7 @@ def test_a_shortcut_that_does_not_reproduce_the_segment_falls_back_to_the_full_r
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
 def test_targets_kept_by_planning_replace_the_original_network_in_the_walk(arch, monkeypatch):
     # every row taken, none held out: both ways then fit the very same rows, so they must agree
-    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0, None, False))
+    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0, None, False, None))
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     cfg = CompressConfig(
         criterion="greedy", target_macs=0.5, round_to=8, bn_recalib=False, max_positions=10**6

@@ -25,6 +25,7 @@ from gslim.compress.calibrate import (
 from gslim.compress.omp import coarsen, greedy_select, path_dtype, per_channel_curve, prediction_error_curve
 from gslim.compress.selection import PLANNING_FLOOR
 from gslim.compress.shard import SINGLE, Shard
+from gslim.compress.slim import column_offset
 from gslim.compress.units import Unit, UnitGraph
 from gslim.recipe import CompressConfig
 
@@ -101,11 +102,17 @@ def planning_curves(
     n_images = shard.images(batches)
 
     def sampler(
-        key: tuple[str, str], m: nn.Module, x: torch.Tensor, out: torch.Tensor, width: int, dense_ok: bool
+        key: tuple[str, str],
+        m: nn.Module,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        width: int,
+        dense_ok: bool,
+        cross: Optional[torch.Tensor] = None,
     ) -> StatsAccumulator:
         if key not in accs:  # the held-out share is drawn as the selection will use it
             frac, dense = sampling(m, x.shape, out.shape, n_images, max_rows(cfg, m, width), dense_ok)
-            accs[key] = StatsAccumulator(frac, gen, shard=shard, dense=dense)
+            accs[key] = StatsAccumulator(frac, gen, shard=shard, dense=dense, cross_weights=cross)
         return accs[key]
 
     with Hooks() as hooks:
@@ -120,7 +127,9 @@ def planning_curves(
                     key = (u.name, c)
                     x = captured.pop(key)
                     # (a unit read inside a concatenation fits its own columns: sampled rows)
-                    acc = sampler(key, m, x, out, u.width, c not in u.concat_before)
+                    acc = sampler(
+                        key, m, x, out, u.width, c not in u.concat_before, own_weights(m, u, c, original)
+                    )
                     # taken inside the hook: an in-place op after the consumer cannot reach it
                     sample = acc.draw(row_count(m, out), out.shape[0])
                     Y = batch_targets(m, out, sample)
@@ -161,6 +170,20 @@ def planning_curves(
         curve = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
         curves[u.name] = per_channel_curve(curve, u.atom)
     return curves
+
+
+def own_weights(m: nn.Module, u: Unit, c: str, model: nn.Module) -> Optional[torch.Tensor]:
+    """The consumer ``c``'s weights on ``u``'s columns in the regression layout (F x O, float64):
+    on the planning pass its target is its own output less the bias, so Y = X W on every row and
+    the sums form B from G (:class:`StatsAccumulator`'s ``cross_weights``). None for a grouped
+    conv, whose rows do not carry its block-diagonal weights."""
+    if not isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.Conv2d) and m.groups != 1):
+        return None
+    w = m.weight.detach().double()
+    if c in u.concat_before:  # (unit_columns: the target less the other inputs' share)
+        off = column_offset(model, u, c)
+        w = w[:, off : off + u.width]
+    return w.reshape(w.shape[0], -1).T
 
 
 def pointwise_readers(u: Unit, mods: dict[str, nn.Module]) -> list[str]:

@@ -36,6 +36,12 @@ class StatsAccumulator:
     from a generator seeded by (this accumulator's seed, the batch's index in the whole
     calibration set), so it is the same whichever torchrun rank runs the batch (``shard``);
     :meth:`result` all-reduces the sums across ranks.
+
+    ``cross_weights`` (F x O, float64): weights W with Y = X W on every row added, which holds
+    where Y is the consumer's own output on the same input (the planning pass). B = G W is then
+    formed once from the summed G, not from the rows of each batch: one F x F x O product in
+    place of a rows x F x O one (rows is at least 16 F) or a backward-weight conv over every
+    position, and exact where the rows' float32 product was rounded.
     """
 
     def __init__(
@@ -45,8 +51,10 @@ class StatsAccumulator:
         holdout: float = HOLDOUT_FRACTION,
         shard: Optional[Shard] = None,
         dense: bool = False,
+        cross_weights: Optional[torch.Tensor] = None,
     ):
         self.fraction, self.holdout, self.dense = fraction, holdout, dense
+        self.cross_weights = cross_weights
         self.shard = shard or SINGLE
         self.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         self.batches = 0  # batches drawn so far on this rank
@@ -73,33 +81,35 @@ class StatsAccumulator:
 
     def add(self, X: torch.Tensor, Y: torch.Tensor, held: Optional[torch.Tensor]) -> None:
         """Add a batch's sampled rows (``held``: the mask of :meth:`draw`'s sample)."""
+        cross = self.cross_weights is None
         if held is None:
-            self.fit.add(X, Y)
+            self.fit.add(X, Y, cross)
             return
         held = held.to(X.device)
-        self.fit.add(X[~held], Y[~held])
-        self.held.add(X[held], Y[held])
+        self.fit.add(X[~held], Y[~held], cross)
+        self.held.add(X[held], Y[held], cross)
 
     def add_dense(
         self, mod: nn.Conv2d, x: torch.Tensor, Y: torch.Tensor, held: Optional[torch.Tensor]
     ) -> None:
         """Add a batch's every row: ``x`` the consumer's input, ``Y`` its target map (:func:`target_map`),
         ``held`` the held-out images."""
+
+        def cross(x: torch.Tensor, Y: torch.Tensor) -> Optional[torch.Tensor]:
+            return dense_cross(mod, x, Y) if self.cross_weights is None else None
+
         if held is None:
-            self.fit.add_products(
-                dense_gram_offsets(mod, x), dense_cross(mod, x, Y), Y, Y.numel() // Y.shape[1]
-            )
+            self.fit.add_products(dense_gram_offsets(mod, x), cross(x, Y), Y, Y.numel() // Y.shape[1])
             return
         for sums, mask in ((self.fit, ~held), (self.held, held)):
             mask = mask.to(x.device)
             xs, ys = x[mask], Y[mask]
             if xs.shape[0] == 0:  # zeros, still: under torchrun every rank all-reduces the same sums
                 kk, C = mod.kernel_size[0] * mod.kernel_size[1], x.shape[1]
-                sums.add_products(x.new_zeros(kk, C, kk, C), x.new_zeros(kk * C, Y.shape[1]), ys, 0)
+                zero_cross = x.new_zeros(kk * C, Y.shape[1]) if self.cross_weights is None else None
+                sums.add_products(x.new_zeros(kk, C, kk, C), zero_cross, ys, 0)
                 continue
-            sums.add_products(
-                dense_gram_offsets(mod, xs), dense_cross(mod, xs, ys), ys, ys.numel() // ys.shape[1]
-            )
+            sums.add_products(dense_gram_offsets(mod, xs), cross(xs, ys), ys, ys.numel() // ys.shape[1])
 
     def result(self, group: int) -> Stats:
         if self.fit.G is None:
@@ -109,6 +119,8 @@ class StatsAccumulator:
                 if sums.G is not None:
                     sums.complete()
                     sums.reduce(self.shard)
+                    if self.cross_weights is not None:  # (after the all-reduce: every rank the same)
+                        sums.B = sums.G @ self.cross_weights.to(sums.G.device, sums.G.dtype)
             self.reduced = True
         held = None
         if self.held.G is not None and self.held.rows > 0:
@@ -135,6 +147,10 @@ class _Sums:
     #: end: 4,608 columns x 2,048 rows, one thread, 0.86 s per batch as one product, 0.50 s in
     #: blocks of 768 (a k x k consumer of a wide layer: ResNet's 512-channel 3x3 convs)
     BLOCK = 768
+    #: From this width on a Gram is at least three blocks: two threads, 16 rows per column in 4
+    #: batches, 576 to 1,280 columns 0.77-0.82 of one product's time, 448 the same
+    #: (MobileNetV2's expansions, ResNet-50's 3x3 consumers; benchmarks/statistics_sums.py)
+    MIN_BLOCKED = 512
 
     def __init__(self) -> None:
         self.G: Optional[torch.Tensor] = None
@@ -144,16 +160,16 @@ class _Sums:
         self.upper_only = False  # G's blocks below the diagonal are not filled yet
         self.offset_major = False  # G is (k*k, C, k*k, C), not laid out as the columns yet
 
-    def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+    def add(self, X: torch.Tensor, Y: torch.Tensor, cross: bool = True) -> None:
+        """Add rows X and their targets Y (``cross`` False: B is not summed, the caller forms it)."""
         assert not self.offset_major, "sampled rows added to the sums of dense Grams"
         X, Y = X.float(), Y.float()
-        B = X.T @ Y
+        if cross:
+            B = X.T @ Y
+            self.B = B.double() if self.B is None else self.B.add_(B)
         if self.G is None:
             F = X.shape[1]
             self.G = torch.zeros(F, F, dtype=torch.float64, device=X.device)
-            self.B = B.double()
-        else:
-            self.B.add_(B)
         edges = self._edges()
         if len(edges) == 2:
             self.G.add_(X.T @ X)  # promoted to float64 in place: no float64 copy of a large Gram
@@ -166,23 +182,24 @@ class _Sums:
         self.yy.add(Y.double().pow(2).sum())
         self.rows += X.shape[0]
 
-    def add_products(self, G: torch.Tensor, B: torch.Tensor, Y: torch.Tensor, rows: int) -> None:
-        """Add a batch's G and B computed elsewhere (float32, whole), with its targets ``Y``. G is
-        offset-major (k*k, C, k*k, C), :func:`dense_gram_offsets`: summed as it is, laid out
-        channel-major once, by :meth:`complete`."""
+    def add_products(self, G: torch.Tensor, B: Optional[torch.Tensor], Y: torch.Tensor, rows: int) -> None:
+        """Add a batch's G and B computed elsewhere (float32, whole; B None: not summed), with its
+        targets ``Y``. G is offset-major (k*k, C, k*k, C), :func:`dense_gram_offsets`: summed as
+        it is, laid out channel-major once, by :meth:`complete`."""
         if self.G is None:
-            self.G, self.B = G.double(), B.double()
+            self.G = G.double()
             self.offset_major = True
         else:
             assert not self.upper_only, "whole Grams added to one kept as its upper blocks"
             self.G.add_(G)
-            self.B.add_(B)
+        if B is not None:
+            self.B = B.double() if self.B is None else self.B.add_(B)
         self.yy.add(Y.double().pow(2).sum())
         self.rows += rows
 
     def _edges(self) -> list[int]:
         F = self.G.shape[0]
-        n = 1 if F < 2 * self.BLOCK else -(-F // self.BLOCK)
+        n = 1 if F < self.MIN_BLOCKED else max(3, -(-F // self.BLOCK))
         return [F * i // n for i in range(n + 1)]
 
     def complete(self) -> None:
@@ -200,6 +217,7 @@ class _Sums:
 
     def reduce(self, shard: Shard) -> None:
         shard.sum_(self.G)
-        shard.sum_(self.B)
+        if self.B is not None:
+            shard.sum_(self.B)
         shard.exact_sum_(self.yy)
         self.rows = int(shard.sum_numbers([float(self.rows)])[0])
