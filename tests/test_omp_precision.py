@@ -82,3 +82,13 @@ def test_compress_model_runs_every_greedy_path_in_the_recipes_precision(precisio
     cfg = CompressConfig(criterion="greedy", target_macs=0.6, round_to=8, bn_recalib=False, **extra)
     compress_model(model, 32, x, y, cfg, seed=0, batch_size=8)
     assert seen and set(seen) == {expected}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_path_leaves_the_statistics_as_they_were(dtype):
+    # the state updates its residual cross term in place: it must be its own copy of B, in
+    # either precision (in float64 a cast alone would hand it B itself)
+    _, _, st = _problem(24, 1, outs=6)
+    G, B = st.G.clone(), st.B.clone()
+    greedy_select([st], k=10, ridge=1e-2, dtype=dtype)
+    assert torch.equal(st.G, G) and torch.equal(st.B, B)

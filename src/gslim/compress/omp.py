@@ -86,7 +86,7 @@ class _GroupOmpState:
         self.g, self.C, self.F = g, F // g, F
         lam = ridge * float(torch.diagonal(st.G).mean().clamp_min(1e-12))
         self.Gr = st.G.to(dtype) + lam * torch.eye(F, dtype=dtype, device=dev)  # (a copy: the state's own)
-        self.c = thin_cross(st.B, st.rows).to(dtype)
+        self.c = thin_cross(st.B, st.rows).to(dtype, copy=True)  # (the state's own: updated in place)
         idx = torch.arange(self.C, device=dev)
         blocks = self.Gr.view(self.C, g, self.C, g)[idx, :, idx, :]  # (C, g, g) diagonal blocks
         self.R = blocks.clone()
@@ -187,8 +187,8 @@ class _GroupOmpState:
 
 
 def thin_cross(B: torch.Tensor, rows: int) -> torch.Tensor:
-    """A matrix B~ with B~ B~^T = B B^T and at most about ``rows`` columns (a copy of B where
-    that would not be much narrower).
+    """A matrix B~ with B~ B~^T = B B^T and at most about ``rows`` columns (B itself where that
+    would not be much narrower: the caller copies it into its own precision).
 
     The greedy path (every score and every error) depends on B only through B B^T, and
     B = X^T Y has rank at most the number of rows. A consumer with many outputs and few rows
@@ -200,7 +200,7 @@ def thin_cross(B: torch.Tensor, rows: int) -> torch.Tensor:
     features, outputs = B.shape
     width = rows + 16 if rows else outputs
     if width > outputs // 2 or width > features:
-        return B.clone()
+        return B
     sketch = torch.randn(outputs, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     Q, _ = torch.linalg.qr(B @ sketch.to(B.device))  # (F, width): B's range, rank <= rows
     P = Q.T @ B
