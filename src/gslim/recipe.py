@@ -301,9 +301,7 @@ class CompressConfig(_Section):
         budgets = ("eps", "target_macs", "target_params", "target_latency")
         given = [n for n in budgets if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(
-                f"give one of eps, target_macs, target_params, target_latency (got {', '.join(given)})"
-            )
+            raise ValueError(f"give one of {', '.join(budgets)} (got {', '.join(given)})")
         if self.round_to > 1 and self.min_width % self.round_to and self.min_width > self.round_to:
             raise ValueError("min_width must be a multiple of round_to")
         return self
