@@ -5,7 +5,7 @@ the pruned network that follows never runs the original network again."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -108,11 +108,11 @@ def planning_curves(
         out: torch.Tensor,
         width: int,
         dense_ok: bool,
-        cross: Optional[torch.Tensor] = None,
+        cross: Callable[[], Optional[torch.Tensor]] = lambda: None,
     ) -> StatsAccumulator:
         if key not in accs:  # the held-out share is drawn as the selection will use it
             frac, dense = sampling(m, x.shape, out.shape, n_images, max_rows(cfg, m, width), dense_ok)
-            accs[key] = StatsAccumulator(frac, gen, shard=shard, dense=dense, cross_weights=cross)
+            accs[key] = StatsAccumulator(frac, gen, shard=shard, dense=dense, cross_weights=cross())
         return accs[key]
 
     with Hooks() as hooks:
@@ -127,9 +127,8 @@ def planning_curves(
                     key = (u.name, c)
                     x = captured.pop(key)
                     # (a unit read inside a concatenation fits its own columns: sampled rows)
-                    acc = sampler(
-                        key, m, x, out, u.width, c not in u.concat_before, own_weights(m, u, c, original)
-                    )
+                    weights = lambda: own_weights(m, u, c, original)  # noqa: E731 - (on the first batch only)
+                    acc = sampler(key, m, x, out, u.width, c not in u.concat_before, weights)
                     # taken inside the hook: an in-place op after the consumer cannot reach it
                     sample = acc.draw(row_count(m, out), out.shape[0])
                     Y = batch_targets(m, out, sample)
