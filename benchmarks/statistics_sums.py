@@ -113,11 +113,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    parts = args.part.split(",")
+    if not parts or set(parts) - {"grams", "planning"}:
+        ap.error(f"--part: a comma-separated list of grams and planning (got {args.part!r})")
     from gslim.host_memory import keep_freed_memory
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)
-    parts = args.part.split(",")
     print(f"threads {args.threads}, medians of {args.rounds} interleaved rounds\n")
     if "grams" in parts:
         print("\n".join(gram_rows([int(w) for w in args.widths.split(",")], args.rounds)) + "\n")

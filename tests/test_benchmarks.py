@@ -261,3 +261,12 @@ def test_statistics_sums_times_both_ways_of_each_sum_and_their_difference():
     # the same Gram either way; curves that agree but where a near-tie on 16 images moves a point
     assert float(rows[0].split("|")[-2]) < 1e-6 and float(rows[1].split("|")[-2]) < 1e-6
     assert float(rows[2].split("|")[-2]) < 0.5
+
+
+def test_statistics_sums_refuses_an_unknown_part_with_argparse_error():
+    proc = _run(["benchmarks/statistics_sums.py", "--part", "grams,nope"], timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert (
+        "--part: a comma-separated list of grams and planning (got 'grams,nope')"
+        in proc.stderr.splitlines()[-1]
+    )
