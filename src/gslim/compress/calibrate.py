@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -234,6 +234,14 @@ def _own(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
         return t.clone()
     return t
+
+
+def regression_weights(mod: nn.Module, cols: Sequence[int], off: int = 0) -> torch.Tensor:
+    """The layer's current weights for input channels ``cols`` (after ``off`` others) in the
+    regression layout (channels*k*k x out, float64), as :func:`consumer_rows` lays out the features."""
+    w = mod.weight.detach().double()
+    w = w[:, off + torch.as_tensor(cols, dtype=torch.long)]
+    return w.reshape(w.shape[0], -1).T
 
 
 def kernel_group(mod: nn.Module) -> int:

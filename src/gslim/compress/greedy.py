@@ -20,6 +20,7 @@ from gslim.compress.calibrate import (
     consumer_rows,
     cut_points,
     kernel_group,
+    regression_weights,
     row_count,
     sampling,
     unit_columns,
@@ -276,14 +277,6 @@ def _select_unit(
     return report
 
 
-def _regression_weights(mod: nn.Module, cols: list[int], off: int = 0) -> torch.Tensor:
-    """The layer's current weights for input channels ``cols`` (after ``off`` others) in the
-    regression layout (channels*k*k x out), as :func:`consumer_rows` lays out the features."""
-    w = mod.weight.detach().double()
-    w = w[:, off + torch.as_tensor(cols, dtype=torch.long)]
-    return w.reshape(w.shape[0], -1).T
-
-
 def _install(mod: nn.Module, W: torch.Tensor, n_in: int, off: int, replaced: int) -> None:
     """Weights ``W`` (regression layout) for ``n_in`` input channels in place of the ``replaced``
     columns from ``off``; the other columns (inside a concatenation) stay."""
@@ -320,7 +313,7 @@ def _refit_consumers(
         held_err = None
         if st.held is not None:
             held_err = subset_error(st.held, fit_keep, W)
-            W0 = _regression_weights(mod, fit_keep, off)  # the consumer's weights, sliced
+            W0 = regression_weights(mod, fit_keep, off)  # the consumer's weights, sliced
             held0 = subset_error(st.held, fit_keep, W0)
             if held0 < held_err:
                 chosen, kind, held_err = W0, "original", held0

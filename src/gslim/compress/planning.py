@@ -17,6 +17,7 @@ from gslim.compress.calibrate import (
     batch_targets,
     consumer_rows,
     kernel_group,
+    regression_weights,
     row_count,
     sampling,
     target_rows,
@@ -178,11 +179,9 @@ def own_weights(m: nn.Module, u: Unit, c: str, model: nn.Module) -> Optional[tor
     conv, whose rows do not carry its block-diagonal weights."""
     if not isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.Conv2d) and m.groups != 1):
         return None
-    w = m.weight.detach().double()
     if c in u.concat_before:  # (unit_columns: the target less the other inputs' share)
-        off = column_offset(model, u, c)
-        w = w[:, off : off + u.width]
-    return w.reshape(w.shape[0], -1).T
+        return regression_weights(m, range(u.width), column_offset(model, u, c))
+    return regression_weights(m, range(m.weight.shape[1]))
 
 
 def pointwise_readers(u: Unit, mods: dict[str, nn.Module]) -> list[str]:
