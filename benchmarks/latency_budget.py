@@ -59,6 +59,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-images", type=int, default=None, help="speed: 64, accuracy: 1024")
     ap.add_argument("--grid", type=int, default=8, help="widths timed per unit in the latency table")
+    ap.add_argument(
+        "--macs-weight", type=float, default=None, help="compress.latency.macs_weight (default: the recipe's)"
+    )
     ap.add_argument("--train-images", type=int, default=12000, help="accuracy: base training subset")
     ap.add_argument("--base-epochs", type=int, default=4, help="accuracy: base training epochs")
     ap.add_argument("--val-images", type=int, default=2000)
@@ -116,6 +119,7 @@ def recipe_for(a: argparse.Namespace, arch: str, budget: str, cache: Path):
                     "max_rounds": 4,
                     # the smoke run's 32 px models are call-overhead bound: it checks the loop runs
                     "tolerance": 0.5 if a.quick else 0.03,
+                    **({} if a.macs_weight is None else {"macs_weight": a.macs_weight}),
                 },
             },
             "profile": {"threads": a.threads},

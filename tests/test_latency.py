@@ -148,6 +148,37 @@ def test_one_unit_moves_are_priced_like_the_whole_model(arch):
             assert got == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("weight", [0.05, 0.1, 1.0])
+def test_macs_weight_keeps_more_macs_for_at_most_its_share_of_error(weight):
+    """A latency budget's knapsack with ``macs_weight`` w: never over the budget, at least the MACs
+    of the least-error allocation, and a summed error within (1 + w) of the least (the second
+    solve's objective bounds it). A synthetic latency prices a unit's channel by its depth, not
+    by its MACs, so the two objectives disagree."""
+    import torchvision
+
+    from gslim.compress.budget import Budget, CostModel, knapsack_widths
+    from gslim.compress.units import find_units
+
+    model = torchvision.models.get_model("mobilenet_v2", num_classes=10).eval()
+    graph = find_units(model, 32, include_residual=False)  # as compress does by default
+    cost = CostModel(model, graph, 32, graph.units)
+    order = {u.name: i for i, u in enumerate(graph.units)}
+    ms = lambda w: sum(k * (1 + order[u]) for u, k in w.items())  # noqa: E731
+    budget = Budget("latency", 0.6 * ms(cost.full), ms)
+    rng = random.Random(0)
+    curves = {}
+    for u in graph.units:  # flat near full width, steep near zero, with a little noise: like greedy's
+        scale = rng.uniform(0.02, 0.2)
+        curves[u.name] = [scale * (1 - k / u.width) ** 3 + 1e-4 * rng.random() for k in range(1, u.width + 1)]
+    err = lambda w: sum(curves[u][k - 1] for u, k in w.items())  # noqa: E731
+    least = knapsack_widths(cost, budget, curves, 8, 8)
+    kept = knapsack_widths(cost, budget, curves, 8, 8, macs_weight=weight)
+    assert ms(kept) <= budget.target * (1 + 1e-9)
+    assert cost.macs(kept) > cost.macs(least)  # it moved: the test's case makes the objectives differ
+    assert err(kept) <= (1 + weight) * err(least) + 1e-6
+    assert knapsack_widths(cost, budget, curves, 8, 8, macs_weight=0.0) == least
+
+
 def test_table_cache_key_changes_with_threads_and_precision(tmp_path, monkeypatch):
     from gslim.compress.latency_table import LatencySettings, LatencyTable
 

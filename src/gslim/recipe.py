@@ -224,18 +224,17 @@ class LatencyConfig(_Section):
         3, ge=1, le=10, description="closed loop: measure, tighten, reselect at most this often"
     )
     tolerance: float = Field(
-        0.03,
-        ge=0.0,
-        le=0.5,
-        description="measured latency may exceed the budget by this "
-        "fraction (timing noise) before the loop tightens",
+        0.03, ge=0.0, le=0.5, description="measured latency may exceed the budget by this fraction (noise)"
     )
     undershoot: float = Field(
-        0.05,
+        0.05, ge=0.0, le=0.9, description="a slim model this fraction (or more) under the budget is widened"
+    )
+    macs_weight: float = Field(
+        0.1,
         ge=0.0,
-        le=0.9,
-        description="a slim model this fraction (or more) under the "
-        "budget is widened in the next round (it gave up accuracy for nothing)",
+        le=10.0,
+        description="among allocations of near-least greedy error, prefer MACs kept: 0.1 trades 1% of "
+        "the error for 10% of the MACs (0: least error only)",
     )
 
     _backend = field_validator("backend")(_known_backend)

@@ -162,7 +162,10 @@ def compress_model(
                 targets = TargetStore()
                 curves = planning_curves(original, graph, units, batches, cfg, gen, shard, targets)
             if allocation == "knapsack":
-                widths = budget_mod.knapsack_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
+                weight = cfg.latency.macs_weight if budget.metric == "latency" else 0.0
+                widths = budget_mod.knapsack_widths(
+                    cost, budget, curves, cfg.round_to, cfg.min_width, macs_weight=weight
+                )
                 eps = None
             else:
                 eps, widths = budget_mod.eps_widths(cost, budget, curves, cfg.round_to, cfg.min_width)
@@ -182,6 +185,7 @@ def compress_model(
             budget_info["latency"] = {
                 "predicted_ms": lat_model.predict(widths),
                 "full_ms": lat_model.full_ms,
+                "macs_weight": cfg.latency.macs_weight if allocation == "knapsack" else None,
                 "model": lat_model.describe(),
             }
 
