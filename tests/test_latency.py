@@ -179,6 +179,33 @@ def test_macs_weight_keeps_more_macs_for_at_most_its_share_of_error(weight):
     assert knapsack_widths(cost, budget, curves, 8, 8, macs_weight=0.0) == least
 
 
+def test_macs_weight_keeps_the_least_error_widths_when_the_second_solve_is_worse(monkeypatch):
+    """The linearised knapsack of a non-separable cost is not exact: a second allocation that keeps
+    fewer MACs, or errs by more than (1 + weight) of the least, is dropped for the first."""
+    import torchvision
+
+    import gslim.compress.allocate as allocate_mod
+    from gslim.compress.budget import Budget, CostModel, knapsack_widths
+    from gslim.compress.units import find_units
+
+    model = torchvision.models.get_model("mobilenet_v3_small", num_classes=10).eval()
+    graph = find_units(model, 32, include_residual=False)
+    cost = CostModel(model, graph, 32, graph.units)
+    budget = Budget("macs", 0.5 * cost.macs(cost.full))
+    curves = {u.name: [(1 - k / u.width) ** 2 for k in range(1, u.width + 1)] for u in graph.units}
+    least = knapsack_widths(cost, budget, curves, 8, 8)
+    real, calls = allocate_mod.allocate, []
+
+    def second_narrower(options, error, *args, **kwargs):
+        calls.append(1)
+        got = real(options, error, *args, **kwargs)
+        return got if len(calls) == 1 else {u: ks[0] for u, ks in options.items()}  # fewer MACs
+
+    monkeypatch.setattr(allocate_mod, "allocate", second_narrower)
+    assert knapsack_widths(cost, budget, curves, 8, 8, macs_weight=0.1) == least
+    assert len(calls) == 2
+
+
 def test_table_cache_key_changes_with_threads_and_precision(tmp_path, monkeypatch):
     from gslim.compress.latency_table import LatencySettings, LatencyTable
 

@@ -195,7 +195,9 @@ def knapsack_widths(
     with each unit's error lowered by ``macs_weight * E0 * (the share of the model's MACs the unit
     keeps at that width)``: weight 0.1 trades up to 1% more summed error for 10% of the model's
     MACs kept within the budget. A unit's share is priced with the other units at their least-error
-    widths (exact where no layer reads two units, as in the MobileNets without their streams)."""
+    widths (exact where no layer reads two units, as in the MobileNets without their streams). The
+    second allocation stands only if its summed error is within ``(1 + macs_weight) * E0`` and it
+    keeps at least the first's MACs (an exact solve guarantees both; a linearised one may not)."""
     from gslim.compress.allocate import allocate
 
     options = {n: width_options(c, cost.step(n, round_to), min_width) for n, c in cost.full.items()}
@@ -229,7 +231,11 @@ def knapsack_widths(
         n: dict(zip(ks, (m / full_macs for m in cost.moves("macs", widths, n, ks)), strict=True))
         for n, ks in options.items()
     }
-    return solve(lambda n, k: error(n, k) - macs_weight * least * kept[n][k])
+    more = solve(lambda n, k: error(n, k) - macs_weight * least * kept[n][k])
+    # an exact solve of both keeps these; the linearised one of a non-separable cost may not, and
+    # then the least-error widths stand
+    within = sum(error(n, k) for n, k in more.items()) <= (1 + macs_weight) * least
+    return more if within and cost.macs(more) >= cost.macs(widths) else widths
 
 
 def unreachable(budget: Budget, cost: CostModel, floor: dict[str, int]) -> GslimError:
