@@ -21,6 +21,8 @@ way); top-1 one-shot and after the same short distillation fine-tune.
 
     python benchmarks/latency_budget.py --part speed
     python benchmarks/latency_budget.py --part accuracy --archs mobilenet_v2
+    python benchmarks/latency_budget.py --part accuracy --archs efficientnet_b0 --size 96 \\
+        --macs-weight 0,0.1 --methods latency-greedy   # the allocation's MACs weight, alone
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from typing import Any, Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+METHODS = ("latency-greedy", "macs-greedy", "tp-magnitude r8")
 
 
 def log(msg: str) -> None:
@@ -60,7 +65,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--calib-images", type=int, default=None, help="speed: 64, accuracy: 1024")
     ap.add_argument("--grid", type=int, default=8, help="widths timed per unit in the latency table")
     ap.add_argument(
-        "--macs-weight", type=float, default=None, help="compress.latency.macs_weight (default: the recipe's)"
+        "--macs-weight",
+        default=None,
+        help="compress.latency.macs_weight (default: the recipe's); a comma list gives a row per weight "
+        "for each budget (speed: run in turn, the cached rerun timed for the first; accuracy: a "
+        "latency-greedy model per weight, the others matched to the first's latency)",
+    )
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="accuracy: which of the three models to build, comma-separated",
     )
     ap.add_argument("--train-images", type=int, default=12000, help="accuracy: base training subset")
     ap.add_argument("--base-epochs", type=int, default=4, help="accuracy: base training epochs")
@@ -75,6 +89,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ","
     )
     a.size = a.size or (224 if speed else 64)
+    a.macs_weights = [None] if a.macs_weight is None else [float(w) for w in a.macs_weight.split(",")]
+    a.methods = a.methods.split(",")
+    unknown = sorted(set(a.methods) - set(METHODS))
+    if unknown or "latency-greedy" not in a.methods:
+        ap.error(
+            f"--methods: latency-greedy and any of {', '.join(METHODS[1:])} (got {', '.join(a.methods)})"
+        )
     a.calib_images = a.calib_images or (64 if speed else 1024)
     if a.quick:
         a.archs = ["mobilenet_v3_small"] if speed else a.archs
@@ -95,7 +116,7 @@ def cpu_name() -> str:
     return cpu_model() or platform.processor()
 
 
-def recipe_for(a: argparse.Namespace, arch: str, budget: str, cache: Path):
+def recipe_for(a: argparse.Namespace, arch: str, budget: str, macs_weight: Optional[float] = None):
     from gslim.recipe import parse_recipe
 
     return parse_recipe(
@@ -119,7 +140,7 @@ def recipe_for(a: argparse.Namespace, arch: str, budget: str, cache: Path):
                     "max_rounds": 4,
                     # the smoke run's 32 px models are call-overhead bound: it checks the loop runs
                     "tolerance": 0.5 if a.quick else 0.03,
-                    **({} if a.macs_weight is None else {"macs_weight": a.macs_weight}),
+                    **({} if macs_weight is None else {"macs_weight": macs_weight}),
                 },
             },
             "profile": {"threads": a.threads},
@@ -162,55 +183,67 @@ def part_speed(a: argparse.Namespace) -> list[dict]:
         base = build_model(arch, 10).eval()
         macs0, _ = count_macs_params(base, a.size)
         for budget in a.budgets.split(","):
-            r = recipe_for(a, arch, budget, a.out)
-            x, y = calibration_batch(r.data, a.size, 10, r.seed)
-            t0 = time.perf_counter()
-            res, info = compress_at_latency(r, base, x, y)
-            first_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            compress_at_latency(r, base, x, y)  # the same compress again: the table comes from the cache
-            second_s = time.perf_counter() - t0
-            macs1, _ = count_macs_params(res.model, a.size)
-            mac_ratio = macs0 / macs1
-            row = {
-                "arch": arch,
-                "budget": budget,
-                "base_ms": info["base_ms"],
-                "budget_ms": info["budget_ms"],
-                "measured_ms": info["measured_ms"],
-                "predicted_ms": info["predicted_ms"],
-                "prediction_error": info["prediction_error"],
-                "speedup": info["speedup"],
-                "mac_ratio": mac_ratio,
-                "speedup_per_mac_ratio": info["speedup"] / mac_ratio,
-                "rounds": len(info["rounds"]),
-                "table_entries": info["table"]["entries"],
-                "first_s": first_s,
-                "second_s": second_s,
-                "measured_now_first": info["table"]["measured_now"],
-                "macs_fraction": macs1 / macs0,
-            }
-            log(
-                f"[{arch} {budget}] {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}"
-            )
-            rows.append(row)
+            for i, weight in enumerate(a.macs_weights):
+                r = recipe_for(a, arch, budget, weight)
+                x, y = calibration_batch(r.data, a.size, 10, r.seed)
+                t0 = time.perf_counter()
+                res, info = compress_at_latency(r, base, x, y)
+                first_s = time.perf_counter() - t0
+                second_s = None
+                if i == 0:  # the same compress again: the table comes from the cache
+                    t0 = time.perf_counter()
+                    compress_at_latency(r, base, x, y)
+                    second_s = time.perf_counter() - t0
+                rows.append(speed_row(arch, budget, r, res, info, macs0, a.size, first_s, second_s))
     return rows
+
+
+def speed_row(arch, budget, recipe, res, info, macs0, size, first_s, second_s) -> dict:
+    from gslim.models import count_macs_params
+
+    macs1, _ = count_macs_params(res.model, size)
+    mac_ratio = macs0 / macs1
+    row = {
+        "arch": arch,
+        "budget": budget,
+        "macs_weight": recipe.compress.latency.macs_weight,
+        "base_ms": info["base_ms"],
+        "budget_ms": info["budget_ms"],
+        "measured_ms": info["measured_ms"],
+        "predicted_ms": info["predicted_ms"],
+        "prediction_error": info["prediction_error"],
+        "speedup": info["speedup"],
+        "mac_ratio": mac_ratio,
+        "speedup_per_mac_ratio": info["speedup"] / mac_ratio,
+        "rounds": len(info["rounds"]),
+        "table_entries": info["table"]["entries"],
+        "first_s": first_s,
+        "second_s": second_s,
+        "measured_now_first": info["table"]["measured_now"],
+        "macs_fraction": macs1 / macs0,
+    }
+    log(
+        f"[{arch} {budget}] {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}"
+    )
+    return row
 
 
 def speed_table(rows: list[dict], a: argparse.Namespace) -> str:
     out = [
         f"ONNX Runtime CPU, {a.threads} thread(s), batch 1, {a.size}x{a.size}, {cpu_name()}",
         "",
-        "| model | budget | base ms | budget ms | measured ms | measured/budget | predicted ms | prediction error "
-        "| speedup | MAC ratio | speedup/MAC ratio | rounds | compress s (first / cached) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | budget | macs_weight | base ms | budget ms | measured ms | measured/budget | predicted ms "
+        "| prediction error | speedup | MAC ratio | MACs kept | speedup/MAC ratio | rounds | compress s (first / cached) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        cached = "—" if r["second_s"] is None else f"{r['second_s']:.0f}"
         out.append(
-            f"| {r['arch']} | {r['budget']} | {r['base_ms']:.2f} | {r['budget_ms']:.2f} | "
+            f"| {r['arch']} | {r['budget']} | {r['macs_weight']:g} | {r['base_ms']:.2f} | {r['budget_ms']:.2f} | "
             f"{r['measured_ms']:.2f} | {r['measured_ms'] / r['budget_ms']:.3f} | {r['predicted_ms']:.2f} | "
             f"{100 * r['prediction_error']:+.1f}% | {r['speedup']:.2f}x | {r['mac_ratio']:.2f}x | "
-            f"{r['speedup_per_mac_ratio']:.2f} | {r['rounds']} | {r['first_s']:.0f} / {r['second_s']:.0f} |"
+            f"{100 * r['macs_fraction']:.1f}% | {r['speedup_per_mac_ratio']:.2f} | {r['rounds']} | "
+            f"{r['first_s']:.0f} / {cached} |"
         )
     return "\n".join(out)
 
@@ -298,30 +331,25 @@ def part_accuracy(a: argparse.Namespace) -> list[dict]:
     from gslim.compress.latency import settings_from_recipe
     from gslim.compress.select import compress_model
     from gslim.data import calibration_batch
-    from gslim.models import ModelSpec, count_macs_params
-    from gslim.train import evaluate_on_recipe, fit
+    from gslim.models import count_macs_params
 
     rows = []
     for arch in a.archs:
         base, spec = trained_base(a, arch)
         macs0, _ = count_macs_params(base, a.size)
         for budget in a.budgets.split(","):
-            r = recipe_for(a, arch, budget, a.out)
-            x, y = calibration_batch(r.data, a.size, 10, r.seed)
-            settings = settings_from_recipe(r)
-            frac = fraction(budget)
-            res, info = compress_at_latency(r, base, x, y)
-            curves = res.curves
-            models = {
-                "latency-greedy": (
-                    res.model,
-                    {
-                        "measured_ms": info["measured_ms"],
-                        "budget_ms": info["budget_ms"],
-                        "rounds": len(info["rounds"]),
-                    },
-                )
-            }
+            models, first = {}, None
+            for weight in a.macs_weights:  # one latency-greedy model per weight, each by the closed loop
+                r = recipe_for(a, arch, budget, weight)
+                x, y = calibration_batch(r.data, a.size, 10, r.seed)
+                res, info = compress_at_latency(r, base, x, y)
+                w = r.compress.latency.macs_weight
+                name = "latency-greedy" if len(a.macs_weights) == 1 else f"latency-greedy w={w:g}"
+                lat = {"measured_ms": info["measured_ms"], "budget_ms": info["budget_ms"]}
+                models[name] = (res.model, {**lat, "rounds": len(info["rounds"]), "macs_weight": w})
+                first = first or (r, res, info)
+            r, res, info = first
+            settings, frac, curves = settings_from_recipe(r), fraction(budget), res.curves
             start = count_macs_params(res.model, a.size)[0] / macs0  # the same MACs, then matched on latency
 
             def greedy_at(f: float):
@@ -336,45 +364,54 @@ def part_accuracy(a: argparse.Namespace) -> list[dict]:
                 return m
 
             for name, make in (("macs-greedy", greedy_at), ("tp-magnitude r8", tp_at)):
-                log(f"[{arch} {budget}] {name}: matching the measured latency {info['budget_ms']:.3f} ms")
-                models[name] = match_latency(make, base, a.size, settings, lambda b: frac * b, start)
+                if name in a.methods:
+                    log(f"[{arch} {budget}] {name}: matching the measured latency {info['budget_ms']:.3f} ms")
+                    models[name] = match_latency(make, base, a.size, settings, lambda b: frac * b, start)
             for name, (model, lat) in models.items():
-                row = {
-                    "arch": arch,
-                    "budget": budget,
-                    "method": name,
-                    **{k: v for k, v in lat.items() if k != "trials"},
-                    "macs_fraction": count_macs_params(model, a.size)[0] / macs0,
-                    "trials": lat.get("trials"),
-                }
-                row["one_shot_top1"] = evaluate_on_recipe(model, r, "cpu", limit=a.val_images)["top1"]
-                ft = r.finetune.model_copy(update={"epochs": a.finetune_epochs, "device": "cpu"})
-                data = r.data.model_copy(update={"train_images": a.finetune_images})
-                tuned = copy.deepcopy(model)
-                for p in tuned.parameters():
-                    p.requires_grad_(True)
-                out = a.out / "work" / f"{arch}_{budget.rstrip('%')}_{name.replace(' ', '_')}"
-                fit(
-                    tuned,
-                    ModelSpec(arch, 10, a.size),
-                    ft,
-                    data,
-                    out,
-                    seed=0,
-                    teacher=copy.deepcopy(base),
-                    force=True,
-                    output_name="finetuned.pt",
-                    progress=False,
-                    quiet=True,
-                )
-                row["finetuned_top1"] = evaluate_on_recipe(tuned, r, "cpu", limit=a.val_images)["top1"]
-                log(
-                    f"[{arch} {budget} {name}] {row['measured_ms']:.3f} ms (budget {row['budget_ms']:.3f}), MACs "
-                    f"{100 * row['macs_fraction']:.1f}%, one-shot {row['one_shot_top1']:.2f}%, "
-                    f"fine-tuned {row['finetuned_top1']:.2f}%"
-                )
-                rows.append(row)
+                rows.append(evaluate_and_finetune(a, r, arch, budget, name, model, lat, base, macs0))
     return rows
+
+
+def evaluate_and_finetune(a, recipe, arch, budget, name, model, lat, base, macs0) -> dict:
+    """Top-1 one-shot and after the same short distilled fine-tune, for every method."""
+    from gslim.models import ModelSpec, count_macs_params
+    from gslim.train import evaluate_on_recipe, fit
+
+    row = {
+        "arch": arch,
+        "budget": budget,
+        "method": name,
+        **{k: v for k, v in lat.items() if k != "trials"},
+        "macs_fraction": count_macs_params(model, a.size)[0] / macs0,
+        "trials": lat.get("trials"),
+    }
+    row["one_shot_top1"] = evaluate_on_recipe(model, recipe, "cpu", limit=a.val_images)["top1"]
+    ft = recipe.finetune.model_copy(update={"epochs": a.finetune_epochs, "device": "cpu"})
+    data = recipe.data.model_copy(update={"train_images": a.finetune_images})
+    tuned = copy.deepcopy(model)
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    out = a.out / "work" / f"{arch}_{budget.rstrip('%')}_{name.replace(' ', '_').replace('=', '')}"
+    fit(
+        tuned,
+        ModelSpec(arch, 10, a.size),
+        ft,
+        data,
+        out,
+        seed=0,
+        teacher=copy.deepcopy(base),
+        force=True,
+        output_name="finetuned.pt",
+        progress=False,
+        quiet=True,
+    )
+    row["finetuned_top1"] = evaluate_on_recipe(tuned, recipe, "cpu", limit=a.val_images)["top1"]
+    log(
+        f"[{arch} {budget} {name}] {row['measured_ms']:.3f} ms (budget {row['budget_ms']:.3f}), MACs "
+        f"{100 * row['macs_fraction']:.1f}%, one-shot {row['one_shot_top1']:.2f}%, "
+        f"fine-tuned {row['finetuned_top1']:.2f}%"
+    )
+    return row
 
 
 def accuracy_table(rows: list[dict], a: argparse.Namespace) -> str:

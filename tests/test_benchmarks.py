@@ -145,15 +145,36 @@ def test_int8_quick(tmp_path):
 
 @pytest.mark.slow
 def test_latency_budget_quick(tmp_path):
+    """A row per MACs weight, each with its own weight; the cached rerun timed once per budget."""
     out = tmp_path / "results"
-    proc = _run(
-        ["benchmarks/latency_budget.py", "--part", "speed", "--quick", "--out", str(out)], timeout=300
-    )
+    args = ["benchmarks/latency_budget.py", "--part", "speed", "--quick", "--out", str(out)]
+    proc = _run(args + ["--macs-weight", "0,0.1"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "quick" / "speed_quick.json").read_text())
-    (row,) = report["rows"]
-    assert row["measured_ms"] > 0 and row["predicted_ms"] > 0 and row["measured_now_first"] > 0
-    assert "| mobilenet_v3_small | 85% |" in proc.stdout and "latency round 1" in proc.stderr
+    first, second = report["rows"]
+    assert [first["macs_weight"], second["macs_weight"]] == [0.0, 0.1]
+    assert first["second_s"] > 0 and second["second_s"] is None
+    for row in (first, second):
+        assert row["measured_ms"] > 0 and row["predicted_ms"] > 0 and 0 < row["macs_fraction"] <= 1
+    assert first["measured_now_first"] > 0 and second["measured_now_first"] == 0  # the table is cached
+    assert "| mobilenet_v3_small | 85% | 0.1 |" in proc.stdout and "latency round 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_latency_calibration_quick(tmp_path):
+    """The three predictions of each planned model against its measurement, and their summary."""
+    proc = _run(["benchmarks/latency_calibration.py", "--quick", "--out", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "quick" / "calibration_quick.json").read_text())["rows"]
+    assert 0 < row["measured_fraction"] < 1.2 and {"depth_map", "stage_model", "mean"} <= set(row)
+    assert "| mobilenet_v3_small | 70% | 1 |" in proc.stdout and "- mean: mean |error|" in proc.stdout
+
+
+def test_latency_budget_refuses_methods_without_latency_greedy():
+    proc = _run(
+        ["benchmarks/latency_budget.py", "--part", "accuracy", "--methods", "macs-greedy"], timeout=120
+    )
+    assert proc.returncode == 2 and "--methods: latency-greedy and any of" in proc.stderr
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
@@ -357,7 +358,7 @@ def test_staircase_alignment_is_read_from_measured_steps(block, noise, expect):
 def test_in_network_savings_map_is_piecewise_through_the_probes():
     """Probes that save less per isolated millisecond the deeper they cut give a concave map; a
     probe that timed slower than the base (noise) cannot make the map fall."""
-    from gslim.compress.latency import savings_points
+    from gslim.compress.latency_stages import savings_points
 
     pts = savings_points([(4.9, 3.8), (0.8, 0.75), (2.1, 1.9)])
     assert [p[0] for p in pts] == [0.8, 2.1, 4.9] and [round(p[1], 6) for p in pts] == [0.75, 1.9, 3.8]
@@ -406,7 +407,9 @@ def test_latency_moves_are_predicted_like_the_whole_model(tmp_path, monkeypatch)
     graph = find_units(model, 32)
     settings = LatencySettings()
     lm = LatencyModel.build(model, graph, graph.units, 32, settings, LatencyTable.open(settings), full_ms=2.0)
-    lm.savings = [(0.5, 0.4), (1.0, 0.7)]  # a piecewise map, as calibrate leaves it
+    assert lm.stages >= 2
+    lm.alphas = [0.6 + 0.3 * s for s in range(lm.stages)]  # per-stage ratios and a depth map,
+    lm.savings = [(0.5, 0.4), (1.0, 0.7)]  # as calibrate leaves them
     rng = random.Random(1)
     widths = {u.name: rng.choice([8, 16, u.width]) for u in graph.units}
     for u in graph.units[:6]:
@@ -426,7 +429,7 @@ def test_a_second_latency_compress_reads_table_and_calibration_from_disk(tmp_pat
     _mac_timer(monkeypatch)
     (res1, info1), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "60%"})
     (res2, info2), _ = _latency_run(tmp_path, monkeypatch, {"target_latency": "60%"})
-    assert info1["model"]["savings"] and info2["model"]["savings"] == info1["model"]["savings"]
+    assert info1["model"]["alphas"] and info2["model"]["alphas"] == info1["model"]["alphas"]
     assert info2["model"]["measured_now"] == 0 and res2.widths == res1.widths
 
 
@@ -526,3 +529,77 @@ def test_torch_cuda_tables_are_timed_as_cuda_graphs_and_keyed_apart():
     assert timing_graphs(LatencySettings(backend="ort-cpu")) is None
     assert table_context(LatencySettings(backend="torch-cuda")).get("cuda_graphs") is True
     assert "cuda_graphs" not in table_context(LatencySettings(backend="torch-cpu"))
+
+
+def test_in_network_savings_are_calibrated_per_resolution_stage(tmp_path, monkeypatch):
+    """A runtime whose high-resolution layers save half their isolated time in the network and
+    whose low-resolution layers save one and a half times it (as ORT CPU does, more mildly): the
+    stage ratios are read from the probes, rising toward the small maps, and a cut of the early
+    stage only is predicted at least a third closer than by the depth map through the uniform
+    probes alone (the previous calibration)."""
+    import gslim.compress.latency_table as lat
+    from gslim.compress.latency import LatencyModel, _interp
+    from gslim.compress.latency_stages import STAGE_CUT
+    from gslim.compress.latency_table import LatencySettings, LatencyTable
+    from gslim.compress.slim import slim_unit
+    from gslim.compress.units import find_units
+    from gslim.models import build_model
+
+    _mac_timer(monkeypatch)  # isolated layers: 1e-6 x MACs + 1e-3 ms
+
+    def in_network(model, size):
+        total, hooks = [0.0], []
+
+        def hook(mod, args, out):
+            x = args[0]
+            hw = x.shape[-2:] if isinstance(mod, torch.nn.Conv2d) else (1, 1)
+            macs = out.numel() * (
+                mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                if isinstance(mod, torch.nn.Conv2d)
+                else mod.in_features
+            )
+            total[0] += (0.5 if hw[0] >= 8 else 1.5) * 1e-6 * macs
+
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                hooks.append(m.register_forward_hook(hook))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+        for h in hooks:
+            h.remove()
+        return 1.0 + total[0]
+
+    def model_ms(model, input_size, settings, table=None, *, others=None, **kw):
+        ms = in_network(model, input_size)
+        return (
+            ms
+            if others is None
+            else {"model": ms, **{k: in_network(m, input_size) for k, m in others.items()}}
+        )
+
+    monkeypatch.setattr(lat, "measure_model", model_ms)
+    monkeypatch.setenv("GSLIM_CACHE", str(tmp_path))
+    model = build_model("mobilenet_v2", 4).eval()
+    graph = find_units(model, 32)
+    settings = LatencySettings()
+    lm = LatencyModel.build(model, graph, graph.units, 32, settings, LatencyTable.open(settings))
+    lm.calibrate(model, graph.units, 32, settings, 8, 8)
+    assert lm.stages >= 3
+    assert lm.alphas[0] < 0.7 and lm.alphas[-1] > 1.3, lm.alphas
+    assert len(lm.savings) == 3 and {p["label"] for p in lm.probes} >= {"probe50", "stage0"}
+
+    full = {u.name: u.width for u in graph.units}
+    early = [u for u in graph.units if lm.stage_deltas({**full, u.name: max(8, u.width // 2)})[0] < 0]
+    widths = {**full, **{u.name: max(8, int(u.width * (1 - STAGE_CUT) / 2)) for u in early}}
+    slim = copy.deepcopy(model)
+    for u in copy.deepcopy(graph.units):
+        if widths[u.name] < u.width:
+            slim_unit(slim, u, torch.arange(widths[u.name]))
+    measured = in_network(slim, 32)
+    xs, ys = zip(*([(0.0, 0.0)] + lm.savings))
+    depth_only = lm.full_ms - _interp(list(xs), list(ys), -lm.delta(widths))
+    assert abs(lm.predict(widths) - measured) < (2 / 3) * abs(depth_only - measured), (
+        lm.predict(widths),
+        depth_only,
+        measured,
+    )

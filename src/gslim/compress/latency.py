@@ -12,16 +12,17 @@ the time is interpolated linearly.
 
 The whole network is predicted *anchored* at its measured latency:
 
-    predict(widths) = measured(full model) + sum over layers [t_layer(widths) - t_layer(full)]
+    predict(widths) = measured(full) + in_network(sum over layers [t_layer(widths) - t_layer(full)])
 
 so what a table cannot see in isolation (fusion, the layers no unit touches, call overhead)
 cancels out, and only the layers that change are estimated. Two measured corrections: the
 runtime's channel block (:func:`staircase_alignment`: a width between two multiples of it costs
-the upper one, so the knapsack buys the upper one), and the map from isolated to in-network
-savings, timed on probe models (:meth:`LatencyModel.calibrate`). Why layers and not whole blocks
-or models: a layer key (shape, stride, groups, batch) recurs across blocks and models, so a
-table fills once per machine and is then shared; blocks would need one trace per architecture,
-and timing whole models per width is slower than the noise it must resolve.
+the upper one, so the knapsack buys the upper one), and the in-network per isolated saving, which
+depends on how deep and where the cut is, fitted on probe models
+(:mod:`gslim.compress.latency_stages`). Why layers and not whole blocks or models: a layer key
+(shape, stride, groups, batch) recurs across blocks and models, so a table fills once per machine
+and is then shared; blocks would need one trace per architecture, and timing whole models per
+width is slower than the noise it must resolve.
 
 The table (:mod:`gslim.compress.latency_table`) is cached on disk, keyed by device, backend,
 runtime version, precision, batch and threads (the file) and by layer shape (the entries), as
@@ -31,14 +32,12 @@ JSON a person can read.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
 from torch import nn
 
-from gslim.compress import latency_table
+from gslim.compress import latency_stages, latency_table
 from gslim.compress.budget import round_width, unit_round_to
 from gslim.compress.latency_table import ONNX_BACKENDS, LatencySettings, LatencyTable, LayerShape
 from gslim.compress.units import Unit, UnitGraph, layer_roles, shaped
@@ -223,8 +222,9 @@ class LatencyModel:
     ):
         self.layers, self.full, self.grids, self.table, self.full_ms = layers, full, grids, table, full_ms
         self.align = align  # the runtime's channel block: a width costs what its next multiple costs
-        self.alpha = alpha  # in-network ms per isolated ms of the layers that change (see calibrate)
-        # (isolated saving, in-network saving) points from the probes, through (0, 0); empty: alpha
+        # in-network per isolated ms (see latency_stages): pooled (and before calibration, the
+        # only one), the depth map through the uniform probes, and one ratio per stage
+        self.alpha = alpha
         self.savings: list[tuple[float, float]] = []
         self.probes: list[dict[str, Any]] = []
         # each layer's measured curve (1-D) or surface (2-D), looked up once
@@ -241,6 +241,10 @@ class LatencyModel:
         for i, ly in enumerate(layers):
             for u in {*ly.in_units, *([ly.out_unit] if ly.out_unit else [])}:
                 self._of_unit.setdefault(u, []).append(i)
+        # the resolution stage of each layer and each stage's in-network per isolated ms
+        self.stage_of = latency_stages.layer_stages(layers, self._full_layer_ms) if layers else []
+        self.stages = max(self.stage_of, default=-1) + 1
+        self.alphas = [alpha] * self.stages
 
     @classmethod
     def build(
@@ -291,23 +295,53 @@ class LatencyModel:
         """Isolated-layer milliseconds these widths save (negative) against the full model."""
         return sum(self._layer_ms(i, widths) - t for i, t in enumerate(self._full_layer_ms))
 
+    def stage_deltas(self, widths: dict[str, int]) -> list[float]:
+        """:meth:`delta` per resolution stage."""
+        out = [0.0] * self.stages
+        for i, t in enumerate(self._full_layer_ms):
+            out[self.stage_of[i]] += self._layer_ms(i, widths) - t
+        return out
+
+    def _staged(self, i: int, widths: dict[str, int]) -> float:
+        """Layer i's change against the full model, scaled by its stage's ratio."""
+        return self.alphas[self.stage_of[i]] * (self._layer_ms(i, widths) - self._full_layer_ms[i])
+
+    def _by_depth(self, isolated: float) -> float:
+        """The in-network change by the depth map through the uniform probes (before
+        calibration, the pooled ratio)."""
+        if not self.savings or isolated >= 0:
+            return self.alpha * isolated
+        xs, ys = zip(*([(0.0, 0.0)] + self.savings))
+        return -_interp(list(xs), list(ys), -isolated)
+
+    def _combine(self, isolated: float, staged: float) -> float:
+        """The prediction from the total isolated change and the stage-scaled one: the mean of
+        the depth map's and the stage model's (see latency_stages)."""
+        return self.full_ms + 0.5 * (self._by_depth(isolated) + staged)
+
+    def parts(self, widths: dict[str, int]) -> tuple[float, float]:
+        """The two calibrations' predictions of these widths, (depth map, stage model), whose
+        mean is :meth:`predict` (for benchmarks/latency_calibration.py)."""
+        staged = sum(self._staged(i, widths) for i in range(len(self.layers)))
+        return self.full_ms + self._by_depth(self.delta(widths)), self.full_ms + staged
+
     def predict(self, widths: dict[str, int]) -> float:
         """Milliseconds of the model with these unit widths (others at full width)."""
-        return self._from_delta(self.delta(widths))
+        n = range(len(self.layers))
+        return self._combine(self.delta(widths), sum(self._staged(i, widths) for i in n))
 
     def predict_moves(self, widths: dict[str, int], unit: str, ks: list[int]) -> list[float]:
         """:meth:`predict` with ``unit`` at each width of ``ks``: only the unit's layers re-priced."""
         mine = self._of_unit.get(unit, [])
-        rest = self.delta(widths) - sum(self._layer_ms(i, widths) for i in mine)
-        return [
-            self._from_delta(rest + sum(self._layer_ms(i, {**widths, unit: k}) for i in mine)) for k in ks
-        ]
-
-    def _from_delta(self, d: float) -> float:
-        if not self.savings or d >= 0:
-            return self.full_ms + self.alpha * d
-        xs, ys = zip(*([(0.0, 0.0)] + self.savings))
-        return self.full_ms - _interp(list(xs), list(ys), -d)
+        iso = self.delta(widths) - sum(self._layer_ms(i, widths) - self._full_layer_ms[i] for i in mine)
+        others = set(range(len(self.layers))) - set(mine)
+        staged = sum(self._staged(i, widths) for i in others)
+        out = []
+        for k in ks:
+            w = {**widths, unit: k}
+            d_iso = sum(self._layer_ms(i, w) - self._full_layer_ms[i] for i in mine)
+            out.append(self._combine(iso + d_iso, staged + sum(self._staged(i, w) for i in mine)))
+        return out
 
     def calibrate(
         self,
@@ -319,52 +353,11 @@ class LatencyModel:
         min_width: int,
         fractions: tuple[float, ...] = (0.75, 0.5, 0.25),
     ) -> None:
-        """Map the isolated-layer savings to what the runtime saves in the whole network.
-
-        A layer timed alone pays what the network amortises or fuses away (ONNX Runtime CPU,
-        for one, reorders a lone conv's input and output into its blocked layout and back), so
-        isolated savings overstate in-network ones, and by more the deeper the cut (measured,
-        MobileNetV2 224 px, ORT CPU, every unit cut to 85/70/50/25%: in-network per isolated
-        saving 0.95, 0.91, 0.79, 0.77). Probe models, every unit cut to each of ``fractions``
-        (first channels; only shapes matter), are timed interleaved with the full model; a
-        prediction maps its isolated saving through the measured points piecewise-linearly
-        (through zero; past the deepest probe, along its last piece). ``alpha``, the least-squares
-        slope, is reported. ``full_ms`` becomes that session's full model. Cached in the table
-        under the model's key.
-        """
-        import copy
-
-        from gslim.compress.slim import slim_unit
-
-        key = latency_table.model_key(model, input_size) + f":calibration:{round_to}:{min_width}:{self.align}"
-        if key + ":savings" in self.table.models:
-            self.alpha = self.table.models[key + ":alpha"]
-            self.full_ms = self.table.models[key + ":full_ms"]
-            self.savings = [tuple(p) for p in self.table.models[key + ":savings"]]
-            return
-        probes, widths = {}, {}
-        for f in fractions:
-            w = {
-                u.name: round_width(
-                    int(math.ceil(f * u.width)), u.width, unit_round_to(round_to, u.atom), min_width
-                )
-                for u in units
-            }
-            probe = copy.deepcopy(model).eval()
-            for u in copy.deepcopy(units):
-                if w[u.name] < u.width:
-                    slim_unit(probe, u, torch.arange(w[u.name]))
-            probes[f"probe{round(100 * f)}"], widths[f"probe{round(100 * f)}"] = probe, w
-        m = latency_table.measure_model(model, input_size, settings, others=probes)
-        d = {k: self.delta(w) for k, w in widths.items()}
-        den = sum(v * v for v in d.values())
-        alpha = sum((m[k] - m["model"]) * d[k] for k in d) / den if den > 0 else 1.0
-        self.alpha, self.full_ms = min(max(alpha, 0.1), 3.0), m["model"]
-        self.probes = [{"label": k, "measured_ms": m[k], "isolated_delta_ms": d[k]} for k in d]
-        self.savings = savings_points([(-d[k], m["model"] - m[k]) for k in d])
-        self.table.models[key + ":alpha"], self.table.models[key + ":full_ms"] = self.alpha, self.full_ms
-        self.table.models[key + ":savings"] = [list(p) for p in self.savings]
-        self.table.save()
+        """Map the isolated-layer savings to what the runtime saves in the whole network (by the
+        depth of the cut and per resolution stage), from probe models timed with the full model
+        (:func:`gslim.compress.latency_stages.calibrate`); ``full_ms`` becomes that session's
+        full model. Cached in the table under the model's key."""
+        latency_stages.calibrate(self, model, units, input_size, settings, round_to, min_width, fractions)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -376,23 +369,12 @@ class LatencyModel:
             "measured_now": self.table.measured_now,
             "full_ms": self.full_ms,
             "alpha": self.alpha,
+            "stages": self.stages,
+            "alphas": self.alphas,
             "savings": self.savings,
             "align": self.align,
             "probes": self.probes,
         }
-
-
-def savings_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(isolated, in-network) savings of the probes as a usable map: sorted, only probes that
-    saved something in isolation, each piece's slope kept in [0.1, 3] (a probe that timed slower
-    than the base, or faster than plausible, is noise), so the map rises with the isolated saving."""
-    out: list[tuple[float, float]] = []
-    for x, y in sorted(p for p in points if p[0] > 1e-9):
-        x0, y0 = out[-1] if out else (0.0, 0.0)
-        if x - x0 <= 1e-9:
-            continue
-        out.append((x, y0 + min(max((y - y0) / (x - x0), 0.1), 3.0) * (x - x0)))
-    return out
 
 
 def coarse_grid(g: list[int]) -> list[int]:

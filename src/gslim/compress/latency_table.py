@@ -214,7 +214,10 @@ class LatencyTable:
 
 
 def _model_value(v: Any) -> Any:
-    """A whole-model entry: milliseconds, or a list of (isolated, in-network) saving points."""
+    """A whole-model entry: milliseconds, a stage calibration (gslim.compress.latency_stages), or
+    (tables written before it) a list of (isolated, in-network) saving points."""
+    if isinstance(v, dict):
+        return v
     if isinstance(v, list):
         return [[float(a) for a in p] for p in v]
     return float(v)
