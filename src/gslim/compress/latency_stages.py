@@ -10,19 +10,20 @@ are not in-network savings. The ratio depends on two things, measured (ORT CPU 1
   (:func:`savings_points`), applied to the total isolated saving.
 - **where the cut is**: MobileNetV2 with each fifth of its units (in network order) cut to half
   alone saved 0.59-0.65 in-network ms per isolated ms in the first fifth (112 and 56 px) and
-  1.26-1.29 in the last (7 px); MobileNetV3-large 0.33-0.42 at 112 px, 1.3-1.7 at 7 px. The
+  1.26-1.29 in the last (7 px); MobileNetV3-large 0.32-0.46 at 112 px, 1.3-1.7 at 7 px. The
   knapsack cuts the early, high-resolution layers hardest, where the isolated table overstates
-  the saving most, so the depth map alone predicted MobileNetV2 at 60% of its latency 14-17% too
+  the saving most, so the depth map alone predicted MobileNetV2 at 60% of its latency 11-17% too
   fast. The *stage model*: layers grouped by the pixel count of their input (small groups merged
   into a neighbour), one ratio per stage fitted by least squares on all probes (the uniform ones
   and one per stage, its units cut to a quarter), with a small ridge toward the pooled ratio.
 
 Neither alone is right: on knapsack selections (MobileNetV2, MobileNetV3-large, EfficientNet-B0,
-ResNet-18 at 60% and 35%; each calibration fitted twice, in two sessions; 2-core Xeon) the depth
-map missed by 4.3% on average and up to 17%, the stage model (linear per stage: it cannot see
-that deep cuts save less) by 6.1% and up to 17%, too slow on the squeeze-excitation networks;
-their mean by 3.6% and at most 13%. The prediction is that mean. Both parts are linear in each
-layer's time or in the total, so the knapsack's per-unit moves are priced like the whole model.
+ResNet-18 at 60% and 35%; each calibration fitted twice; three sessions, 2-core Xeon;
+benchmarks/latency_calibration.py) the depth map missed by 4.1-4.6% on average and by up to 17%,
+the stage model (linear per stage: it cannot see that deep cuts save less) by 2.1-6.4% and up to
+17%, too slow on the squeeze-excitation networks in two sessions; their mean by 2.7-3.6% and at
+most 13%. The prediction is that mean. Both parts are linear in each layer's time or in the
+total, so the knapsack's per-unit moves are priced like the whole model.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ ALPHA_RANGE = (0.1, 3.0)  # a ratio outside it is noise: a probe slower than the
 MIN_STAGE_SHARE = 0.1  # of the isolated time of the layers that change: smaller stages merge
 RIDGE = 0.05  # toward the pooled ratio, relative to each stage's own probe's squared saving
 # a stage probe cuts its units to a quarter: at half width one stage saved 6-14% of MobileNetV3-
-# large, and two fits in a row disagreed by up to 0.15 in a ratio; at a quarter by at most 0.06
+# large, and two fits in a row disagreed by up to 0.15 in a ratio; at a quarter, 0.06 (one pair)
 STAGE_CUT = 0.25
 
 
