@@ -89,7 +89,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ","
     )
     a.size = a.size or (224 if speed else 64)
-    a.macs_weights = [None] if a.macs_weight is None else [float(w) for w in a.macs_weight.split(",")]
+    try:
+        a.macs_weights = [None] if a.macs_weight is None else [float(w) for w in a.macs_weight.split(",")]
+    except ValueError:
+        ap.error(f"--macs-weight: numbers separated by commas (got {a.macs_weight!r})")
     a.methods = a.methods.split(",")
     unknown = sorted(set(a.methods) - set(METHODS))
     if unknown or "latency-greedy" not in a.methods:

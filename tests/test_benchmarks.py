@@ -170,11 +170,13 @@ def test_latency_calibration_quick(tmp_path):
     assert "| mobilenet_v3_small | 70% | 1 |" in proc.stdout and "- mean: mean |error|" in proc.stdout
 
 
-def test_latency_budget_refuses_methods_without_latency_greedy():
+def test_latency_budget_refuses_bad_methods_and_weights():
     proc = _run(
         ["benchmarks/latency_budget.py", "--part", "accuracy", "--methods", "macs-greedy"], timeout=120
     )
     assert proc.returncode == 2 and "--methods: latency-greedy and any of" in proc.stderr
+    proc = _run(["benchmarks/latency_budget.py", "--part", "speed", "--macs-weight", "0,x"], timeout=120)
+    assert proc.returncode == 2 and "--macs-weight: numbers separated by commas" in proc.stderr
 
 
 @pytest.mark.slow
