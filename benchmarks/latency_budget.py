@@ -185,10 +185,11 @@ def part_speed(a: argparse.Namespace) -> list[dict]:
         torch.manual_seed(0)
         base = build_model(arch, 10).eval()
         macs0, _ = count_macs_params(base, a.size)
+        data = recipe_for(a, arch, "50%")  # the calibration images do not depend on the budget
+        x, y = calibration_batch(data.data, a.size, 10, data.seed)
         for budget in a.budgets.split(","):
             for i, weight in enumerate(a.macs_weights):
                 r = recipe_for(a, arch, budget, weight)
-                x, y = calibration_batch(r.data, a.size, 10, r.seed)
                 t0 = time.perf_counter()
                 res, info = compress_at_latency(r, base, x, y)
                 first_s = time.perf_counter() - t0
@@ -340,11 +341,12 @@ def part_accuracy(a: argparse.Namespace) -> list[dict]:
     for arch in a.archs:
         base, spec = trained_base(a, arch)
         macs0, _ = count_macs_params(base, a.size)
+        data = recipe_for(a, arch, "50%")  # the calibration images do not depend on the budget
+        x, y = calibration_batch(data.data, a.size, 10, data.seed)
         for budget in a.budgets.split(","):
             models, first = {}, None
             for weight in a.macs_weights:  # one latency-greedy model per weight, each by the closed loop
                 r = recipe_for(a, arch, budget, weight)
-                x, y = calibration_batch(r.data, a.size, 10, r.seed)
                 res, info = compress_at_latency(r, base, x, y)
                 w = r.compress.latency.macs_weight
                 name = "latency-greedy" if len(a.macs_weights) == 1 else f"latency-greedy w={w:g}"

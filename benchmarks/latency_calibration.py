@@ -69,7 +69,7 @@ def plan_widths(recipe, base, x, y, lm, budget: str) -> dict[str, int]:
 def run_arch(a: argparse.Namespace, arch: str) -> list[dict]:
     from gslim.compress.latency import LatencyModel, settings_from_recipe
     from gslim.compress.latency_table import LatencyTable, measure_model
-    from gslim.compress.slim import slim_unit
+    from gslim.compress.slim import first_channels_copy
     from gslim.compress.units import find_units
     from gslim.data import calibration_batch
     from gslim.models import build_model
@@ -96,13 +96,7 @@ def run_arch(a: argparse.Namespace, arch: str) -> list[dict]:
         fits.append(lm)
     x, y = calibration_batch(recipe.data, a.size, 10, recipe.seed)
     widths = {b: plan_widths(recipe, base, x, y, fits[0], b) for b in budgets}
-    slims = {}
-    for b, w in widths.items():
-        slim = copy.deepcopy(base).eval()
-        for u in copy.deepcopy(graph.units):
-            if w[u.name] < u.width:
-                slim_unit(slim, u, torch.arange(w[u.name]))
-        slims[b] = slim
+    slims = {b: first_channels_copy(base, graph.units, w) for b, w in widths.items()}
     m = measure_model(base, a.size, settings, others=slims, rounds=7)
     rows = []
     for b in budgets:

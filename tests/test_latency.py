@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import random
@@ -541,7 +540,7 @@ def test_in_network_savings_are_calibrated_per_resolution_stage(tmp_path, monkey
     from gslim.compress.latency import LatencyModel, _interp
     from gslim.compress.latency_stages import STAGE_CUT
     from gslim.compress.latency_table import LatencySettings, LatencyTable
-    from gslim.compress.slim import slim_unit
+    from gslim.compress.slim import first_channels_copy
     from gslim.compress.units import find_units
     from gslim.models import build_model
 
@@ -591,10 +590,7 @@ def test_in_network_savings_are_calibrated_per_resolution_stage(tmp_path, monkey
     full = {u.name: u.width for u in graph.units}
     early = [u for u in graph.units if lm.stage_deltas({**full, u.name: max(8, u.width // 2)})[0] < 0]
     widths = {**full, **{u.name: max(8, int(u.width * (1 - STAGE_CUT) / 2)) for u in early}}
-    slim = copy.deepcopy(model)
-    for u in copy.deepcopy(graph.units):
-        if widths[u.name] < u.width:
-            slim_unit(slim, u, torch.arange(widths[u.name]))
+    slim = first_channels_copy(model, graph.units, widths)
     measured = in_network(slim, 32)
     xs, ys = zip(*([(0.0, 0.0)] + lm.savings))
     depth_only = lm.full_ms - _interp(list(xs), list(ys), -lm.delta(widths))

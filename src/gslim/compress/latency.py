@@ -293,18 +293,18 @@ class LatencyModel:
 
     def delta(self, widths: dict[str, int]) -> float:
         """Isolated-layer milliseconds these widths save (negative) against the full model."""
-        return sum(self._layer_ms(i, widths) - t for i, t in enumerate(self._full_layer_ms))
+        return sum(self._changes(widths))
 
     def stage_deltas(self, widths: dict[str, int]) -> list[float]:
         """:meth:`delta` per resolution stage."""
         out = [0.0] * self.stages
-        for i, t in enumerate(self._full_layer_ms):
-            out[self.stage_of[i]] += self._layer_ms(i, widths) - t
+        for s, c in zip(self.stage_of, self._changes(widths)):
+            out[s] += c
         return out
 
-    def _staged(self, i: int, widths: dict[str, int]) -> float:
-        """Layer i's change against the full model, scaled by its stage's ratio."""
-        return self.alphas[self.stage_of[i]] * (self._layer_ms(i, widths) - self._full_layer_ms[i])
+    def _changes(self, widths: dict[str, int]) -> list[float]:
+        """Each layer's isolated change against the full model, computed once per prediction."""
+        return [self._layer_ms(i, widths) - t for i, t in enumerate(self._full_layer_ms)]
 
     def _by_depth(self, isolated: float) -> float:
         """The in-network change by the depth map through the uniform probes (before
@@ -322,25 +322,28 @@ class LatencyModel:
     def parts(self, widths: dict[str, int]) -> tuple[float, float]:
         """The two calibrations' predictions of these widths, (depth map, stage model), whose
         mean is :meth:`predict` (for benchmarks/latency_calibration.py)."""
-        staged = sum(self._staged(i, widths) for i in range(len(self.layers)))
-        return self.full_ms + self._by_depth(self.delta(widths)), self.full_ms + staged
+        ch = self._changes(widths)
+        staged = sum(self.alphas[s] * c for s, c in zip(self.stage_of, ch))
+        return self.full_ms + self._by_depth(sum(ch)), self.full_ms + staged
 
     def predict(self, widths: dict[str, int]) -> float:
         """Milliseconds of the model with these unit widths (others at full width)."""
-        n = range(len(self.layers))
-        return self._combine(self.delta(widths), sum(self._staged(i, widths) for i in n))
+        ch = self._changes(widths)
+        return self._combine(sum(ch), sum(self.alphas[s] * c for s, c in zip(self.stage_of, ch)))
 
     def predict_moves(self, widths: dict[str, int], unit: str, ks: list[int]) -> list[float]:
         """:meth:`predict` with ``unit`` at each width of ``ks``: only the unit's layers re-priced."""
         mine = self._of_unit.get(unit, [])
-        iso = self.delta(widths) - sum(self._layer_ms(i, widths) - self._full_layer_ms[i] for i in mine)
+        ch = self._changes(widths)
         others = set(range(len(self.layers))) - set(mine)
-        staged = sum(self._staged(i, widths) for i in others)
+        iso = sum(ch[i] for i in others)
+        staged = sum(self.alphas[self.stage_of[i]] * ch[i] for i in others)
         out = []
         for k in ks:
             w = {**widths, unit: k}
-            d_iso = sum(self._layer_ms(i, w) - self._full_layer_ms[i] for i in mine)
-            out.append(self._combine(iso + d_iso, staged + sum(self._staged(i, w) for i in mine)))
+            mine_ch = [self._layer_ms(i, w) - self._full_layer_ms[i] for i in mine]
+            mine_staged = sum(self.alphas[self.stage_of[i]] * c for i, c in zip(mine, mine_ch))
+            out.append(self._combine(iso + sum(mine_ch), staged + mine_staged))
         return out
 
     def calibrate(

@@ -129,10 +129,8 @@ def probe_widths(
 def calibrate(lm: "LatencyModel", model, units, input_size, settings, round_to, min_width, fractions) -> None:
     """Fit ``lm``'s per-stage ratios on probe models timed interleaved with the full model
     (first channels kept: only shapes matter); cached in the table under the model's key."""
-    import copy
-
     from gslim.compress import latency_table
-    from gslim.compress.slim import slim_unit
+    from gslim.compress.slim import first_channels_copy
 
     key = latency_table.model_key(model, input_size) + f":stages:{round_to}:{min_width}:{lm.align}"
     stored = lm.table.models.get(key)
@@ -141,13 +139,7 @@ def calibrate(lm: "LatencyModel", model, units, input_size, settings, round_to, 
         lm.savings, lm.probes = [tuple(p) for p in stored["savings"]], stored["probes"]
         return
     widths = probe_widths(lm, units, round_to, min_width, fractions)
-    probes = {}
-    for label, w in widths.items():
-        probe = copy.deepcopy(model).eval()
-        for u in copy.deepcopy(units):
-            if w[u.name] < u.width:
-                slim_unit(probe, u, torch.arange(w[u.name]))
-        probes[label] = probe
+    probes = {label: first_channels_copy(model, units, w) for label, w in widths.items()}
     m = latency_table.measure_model(model, input_size, settings, others=probes)
     iso = {k: [-v for v in lm.stage_deltas(w)] for k, w in widths.items()}
     saved = {k: m["model"] - m[k] for k in widths}

@@ -125,6 +125,18 @@ def slim_unit(model: nn.Module, unit: Unit, keep: torch.Tensor | list[int], cons
     unit.width = int(idx.numel())
 
 
+def first_channels_copy(model: nn.Module, units: list[Unit], widths: dict[str, int]) -> nn.Module:
+    """A copy of ``model`` with each unit cut to its first ``widths[name]`` channels (units not
+    in ``widths`` stay whole): the shapes of a slim model, for timing it (latency probes)."""
+    import copy
+
+    out = copy.deepcopy(model).eval()
+    for u in copy.deepcopy(units):  # slimming updates the units it walks
+        if widths.get(u.name, u.width) < u.width:
+            slim_unit(out, u, torch.arange(widths[u.name]))
+    return out
+
+
 def masked_copy(model: nn.Module, keeps: list[tuple[Unit, list[int] | torch.Tensor]]) -> nn.Module:
     """A copy of ``model`` in which each unit's dropped channels are zeroed where they are read.
 
