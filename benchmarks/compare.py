@@ -256,6 +256,7 @@ def file_digest(path: Path) -> str:
 
 def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
     """The cached base checkpoint of ``arch`` (copied or trained when missing) and its provenance."""
+    from gslim.artifacts import atomic_write
     from gslim.models import ModelSpec, build_architecture, load_model
     from gslim.train import fit
 
@@ -273,8 +274,7 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
             and Path(ctx.args.base_from).is_file()
             and not ctx.args.quick
         ):
-            shutil.copyfile(ctx.args.base_from, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
+            atomic_write(path, lambda tmp: shutil.copyfile(ctx.args.base_from, tmp))
             meta = {"source": f"copied from {ctx.args.base_from}", "train": "configs/demo.yaml (3 epochs)"}
         else:
             train_cfg = recipe.train
@@ -308,8 +308,9 @@ def ensure_base(ctx: Context, arch: str, recipe) -> tuple[nn.Module, Any, dict]:
                 quiet=ctx.args.quick,
                 reserve_holdout=reserve,
             )
-            shutil.copyfile(res.final_path, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
+            # a temporary file of its own: finetune_streams.py's two children may build this base
+            # at once, and a shared "path.tmp" was renamed away under the second (CI, 2026-12-05)
+            atomic_write(path, lambda tmp: shutil.copyfile(res.final_path, tmp))
             meta = {
                 "source": "trained by benchmarks/compare.py",
                 "train": f"{ctx.args.recipe} train section, "
