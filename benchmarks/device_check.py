@@ -9,7 +9,9 @@ summarised in ``OUT/device_check.md``; a failed step does not stop the others:
 1. measurement context: GPU, driver, CUDA, TensorRT, clocks and power (``gslim.profiling.gpu_context``);
 2. for MobileNetV2, MobileNetV3-large and ResNet-50 at 224 (random weights, BatchNorm statistics
    re-estimated on random images): greedy selection to 50% MACs *on the GPU* (timed, and divided
-   by one plain forward pass over the same images on the same device);
+   by one plain forward pass over the same images on the same device); then (``profile``) the same
+   selection of MobileNetV2 and ResNet-50 under cProfile, counting the host syncs by the line that
+   made them (benchmarks/selection_profile.py);
 3. torch-cuda latency of base vs compressed, interleaved, FP32 and FP16, batch 1 and 32, CUDA
    graphs off and on (device time from CUDA events, the median);
 4. one epoch of distillation fine-tuning of the compressed MobileNetV2 with AMP and
@@ -43,6 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 
 ARCHS = ("mobilenet_v2", "mobilenet_v3_large", "resnet50")
+PROFILED = ("mobilenet_v2", "resnet50")  # the profile step's models: a MobileNet and a ResNet
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -54,7 +57,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--calib-images", type=int, default=128)
     ap.add_argument(
         "--steps",
-        default="select,latency,finetune,agreement,budget",
+        default="select,profile,latency,finetune,agreement,budget",
         help="which steps run (a rerun in a short lease can skip what it has)",
     )
     ap.add_argument(
@@ -183,6 +186,15 @@ def select(arch: str, model: torch.nn.Module, a: argparse.Namespace) -> tuple[di
         "selected_on": sorted(on),
         "warnings": sum(len(u.warnings) for u in res.units),
     }, res
+
+
+def profile(arch: str, model: torch.nn.Module, a: argparse.Namespace) -> dict:
+    """The same selection again under cProfile, counting host syncs (benchmarks/selection_profile.py);
+    its tables go into device_check.md (the device tool brings back at most 8 files)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from selection_profile import profile_selection
+
+    return profile_selection(model, calibration_images(a).to(device()), a.size, a.budget)
 
 
 def latency(arch: str, base_ckpt: Path, slim_ckpt: Path, a: argparse.Namespace) -> list[dict]:
@@ -460,6 +472,12 @@ def markdown(results: dict) -> str:
             f"width, kept sets' Jaccard mean {agree['mean_kept_set_jaccard']} (min "
             f"{agree['min_kept_set_jaccard']}), slim outputs differ by {agree['output_rel_diff']:.2e} (relative)"
         )
+    for name, r in results.items():
+        if name.startswith("profile ") and r["status"] == "ok":
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from selection_profile import markdown as profile_markdown
+
+            lines += ["", profile_markdown(r["result"], name.split(" ", 1)[1])]
     lb = results.get("latency budget", {}).get("result")
     if lb:
         lines += [
@@ -502,6 +520,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ModelSpec(arch, a.classes, a.size, widths=res.widths),
                 Path(tmp) / f"{arch}.slim.pt",
             )
+            if "profile" in a.steps and arch in PROFILED:
+                steps.run(f"profile {arch}", lambda arch=arch, base=base: profile(arch, base, a))
             if "latency" in a.steps:
                 steps.run(
                     f"latency {arch}", lambda arch=arch, b=base_ckpt, s=slim_ckpt: latency(arch, b, s, a)

@@ -3,11 +3,14 @@
     python benchmarks/selection_dispatch.py [--archs mobilenet_v2,resnet18] [--images 128] [--size 64]
 
 On a GPU the selection's loops are many small kernels: each op costs a launch on the host
-(microseconds, whatever its size) and each read of a value back to the host (``.item()``,
-``int(t)``, ``float(t)``, a linalg error check) waits for the device to drain. This counts both
-on the CPU, where they can be counted exactly (they do not depend on the device), during one
-``compress_model`` (greedy, 50% MACs, random weights, Gaussian images), by the gslim function
-that issued them. Prints the totals and the top issuers.
+(microseconds, whatever its size) and each host stall waits for the device to drain: a read of a
+value back to the host (``.item()``, ``int(t)``, ``float(t)``, a linalg error check), a host value
+lifted into a tensor (``t[idx] = True`` copies the scalar from the host: one stall per greedy step
+until 2026-12-05, found by the H100 device check), a boolean-mask index or ``nonzero`` (the
+result's size is read back). This counts both on the CPU, where they can be counted exactly (they
+do not depend on the device), during one ``compress_model`` (greedy, 50% MACs, random weights,
+Gaussian images), by the gslim function that issued them. Prints the totals and the top issuers.
+Not counted (invisible on a CPU): ``.to(device)`` of a host tensor, also a stall on a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +24,21 @@ import torch
 import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
-READS = {torch.ops.aten._local_scalar_dense.default}
+STALLS = {
+    torch.ops.aten._local_scalar_dense.default,  # a value read back
+    torch.ops.aten.lift_fresh.default,  # a host value made a tensor (copied to the device)
+    torch.ops.aten.nonzero.default,  # its size is read back
+    torch.ops.aten.masked_select.default,
+}
+
+
+def is_stall(func, args) -> bool:
+    """Whether this op waits for the device on a GPU (see the module's docstring)."""
+    if func in STALLS:
+        return True
+    if func is torch.ops.aten.index.Tensor:  # a boolean mask among the indices: a nonzero inside
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
 
 
 class DispatchCount(TorchDispatchMode):
@@ -41,7 +58,7 @@ class DispatchCount(TorchDispatchMode):
                 break
             frame = frame.f_back
         self.ops[where] += 1
-        if func in READS:
+        if is_stall(func, args):
             self.reads[where] += 1
         return func(*args, **(kwargs or {}))
 
@@ -67,11 +84,13 @@ def main() -> None:
             compress_model(model, args.size, x, None, CompressConfig(criterion="greedy", target_macs=0.5))
         seconds = time.perf_counter() - t
         print(f"\n**{arch}** ({args.images} images, {args.size} px; {seconds:.1f} s counted on this CPU)\n")
-        print("| issued by | ops | host reads |")
+        print("| issued by | ops | host stalls |")
         print("|---|---:|---:|")
         print(f"| all | {sum(count.ops.values()):,} | {sum(count.reads.values()):,} |")
-        for where, n in count.ops.most_common(args.top):
-            print(f"| {where} | {n:,} | {count.reads[where]:,} |")
+        top = [w for w, _ in count.ops.most_common(args.top)]
+        top += [w for w, _ in count.reads.most_common(args.top) if w not in top]  # the most stalls too
+        for where in top:
+            print(f"| {where} | {count.ops[where]:,} | {count.reads[where]:,} |")
 
 
 if __name__ == "__main__":

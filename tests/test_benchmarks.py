@@ -98,6 +98,16 @@ def test_selection_dispatch_tiny():
     assert "compress/omp.py:add" in proc.stdout
 
 
+def test_selection_profile_tiny():
+    """benchmarks/selection_profile.py prints the selection's costliest functions and its host syncs."""
+    args = ["--size", "32", "--images", "8", "--top", "5", "--threads", "1"]
+    proc = _run(["benchmarks/selection_profile.py", *args], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Selection profile, mobilenet_v2 on cpu" in proc.stdout and "0 host syncs" in proc.stdout
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("| ") and not r.startswith("| function")]
+    assert len(rows) == 5 and all(float(r.split("|")[3]) >= 0 for r in rows)
+
+
 def test_selection_speed_tiny(tmp_path):
     js = tmp_path / "speed.json"
     proc = _run(

@@ -332,6 +332,7 @@ def test_device_check_dry_runs_every_step(tmp_path):
         "context",
         "build mobilenet_v2",
         "select mobilenet_v2",
+        "profile mobilenet_v2",
         "latency mobilenet_v2",
         "finetune mobilenet_v2",
         "cpu agreement mobilenet_v2",
@@ -340,9 +341,11 @@ def test_device_check_dry_runs_every_step(tmp_path):
     assert all(r["status"] == "ok" for r in results.values())
     assert results["select mobilenet_v2"]["result"]["macs_fraction"] <= 0.5
     assert results["latency mobilenet_v2"]["result"][0]["speedup"] > 0
+    assert results["profile mobilenet_v2"]["result"]["top_tottime"][0]["tottime"] > 0
     assert results["cpu agreement mobilenet_v2"]["result"]["units"] > 0
     runs = results["latency budget"]["result"]["runs"]
     assert runs[0]["table_measured_now"] > 0 and runs[1]["table_measured_now"] == 0
     assert (out / "latency_table.json").is_file()
     assert "| mobilenet_v2 |" in (out / "device_check.md").read_text()
+    assert "Selection profile, mobilenet_v2" in (out / "device_check.md").read_text()
     assert (out / "device_check.log").is_file()

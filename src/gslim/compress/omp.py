@@ -129,7 +129,8 @@ class _GroupOmpState:
         residual is read once; the same arithmetic as m single steps (block Cholesky), and the
         errors after each group stay exact for this order."""
         g, m = self.g, groups.numel()
-        rows = self.local[groups]
+        # before the first fold every group is its own row (``local`` is the identity): no gather
+        rows = self.local[groups] if self.folded else groups
         idx = self._columns(rows)
         pending = self.V[:, : (self.k - self.folded) * g]
         # Gr is symmetric: its rows are its columns, and a row is one contiguous read where a
@@ -149,13 +150,14 @@ class _GroupOmpState:
         vb = v.view(-1, g, m * g)
         self.R.baddbmm_(vb, vb.transpose(1, 2), alpha=-1)
         self.R[rows] = self.eye  # selected: residual is zero; keep solves regular
-        self.taken[rows] = True
+        # index_fill_, not ``taken[rows] = True``: a setitem copies the scalar from the host, and
+        # on a GPU that copy waits for the queue -- one stall per step (device check on an H100)
+        self.taken.index_fill_(0, rows, True)
         start = (self.k - self.folded) * g
         self.V[:, start : start + m * g] = v
         # the errors in float64 whatever the path's precision: a long path subtracts many small drops
         if m == 1:
-            self.err = self.err - u.pow(2).sum(dtype=torch.float64)
-            self.errs[self.k] = self.err
+            self.errs[self.k] = self.err.sub_(u.pow(2).sum(dtype=torch.float64))  # (err: the state's own)
         else:  # (the planning path: a cumulative sum is not the step-by-step rounding, no matter)
             drops = u.view(m, g, -1).pow(2).sum((1, 2), dtype=torch.float64)
             self.errs[self.k : self.k + m] = self.err - drops.cumsum(0)
@@ -166,6 +168,8 @@ class _GroupOmpState:
 
     def _columns(self, rows: torch.Tensor) -> torch.Tensor:
         """The columns of row groups ``rows`` (a device tensor), g per group, in their order."""
+        if self.g == 1:
+            return rows  # (two ops fewer per step: on a GPU each is a launch)
         return (rows[:, None] * self.g + self.columns).view(-1)
 
     def _fold(self) -> None:
@@ -274,13 +278,15 @@ def _greedy_select(
     check_every = _eps_check_steps(dev)
     n = checked = 0
     while n < limit:
-        score = sum(s.scores() for s in states)
-        score = score.masked_fill(taken, -float("inf"))
+        score = states[0].scores()  # (a fresh tensor: filled in place; no ``0 +`` of a sum())
+        for s in states[1:]:
+            score += s.scores()
+        score.masked_fill_(taken, -float("inf"))
         m = block_size(block_share, n, limit - n, g)
         chosen = torch.argmax(score).view(1) if m == 1 else torch.topk(score, m).indices
         for s in states:
             s.add(chosen)
-        taken[chosen] = True
+        taken.index_fill_(0, chosen, True)  # (not a setitem: no host copy, no GPU stall; see add)
         order[n : n + m] = chosen
         n += m
         if eps is not None and (n - checked >= check_every or n == limit):
