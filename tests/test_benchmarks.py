@@ -108,6 +108,22 @@ def test_selection_profile_tiny():
     assert len(rows) == 5 and all(float(r.split("|")[3]) >= 0 for r in rows)
 
 
+def test_selection_phases_tiny():
+    """benchmarks/selection_phases.py splits a selection into phases that add up to it."""
+    args = ["--archs", "mobilenet_v2", "--images", "8", "--size", "32", "--threads", "1"]
+    proc = _run(["benchmarks/selection_phases.py", *args], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [
+        c.strip()
+        for c in next(r for r in proc.stdout.splitlines() if r.startswith("| mobilenet_v2")).split("|")
+    ]
+    passes, planning, walk, knapsack = (float(v) for v in row[4:8])
+    sums, omp, other = (float(v) for v in row[8:11])
+    assert planning > 0 and walk > 0 and sums > 0 and omp > 0
+    assert abs(planning + walk + knapsack - passes) < 0.05 * passes
+    assert abs(2 + sums + omp + knapsack + other - passes) < 0.05 * passes
+
+
 def test_selection_speed_tiny(tmp_path):
     js = tmp_path / "speed.json"
     proc = _run(
