@@ -10,7 +10,9 @@ until 2026-12-05, found by the H100 device check), a boolean-mask index or ``non
 result's size is read back). This counts both on the CPU, where they can be counted exactly (they
 do not depend on the device), during one ``compress_model`` (greedy, 50% MACs, random weights,
 Gaussian images), by the gslim function that issued them. Prints the totals and the top issuers.
-Not counted (invisible on a CPU): ``.to(device)`` of a host tensor, also a stall on a GPU.
+Not counted (invisible on a CPU): ``.to(device)`` of a host tensor, also a stall on a GPU. Counted
+though it is none: a host value lifted into a tensor that stays on the host (shapes in the cost
+model) -- the stall count is an upper bound.
 """
 
 from __future__ import annotations
