@@ -44,6 +44,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (the sibling selection_profile.py)
+
 ARCHS = ("mobilenet_v2", "mobilenet_v3_large", "resnet50")
 PROFILED = ("mobilenet_v2", "resnet50")  # the profile step's models: a MobileNet and a ResNet
 
@@ -191,7 +193,6 @@ def select(arch: str, model: torch.nn.Module, a: argparse.Namespace) -> tuple[di
 def profile(arch: str, model: torch.nn.Module, a: argparse.Namespace) -> dict:
     """The same selection again under cProfile, counting host syncs (benchmarks/selection_profile.py);
     its tables go into device_check.md (the device tool brings back at most 8 files)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from selection_profile import profile_selection
 
     return profile_selection(model, calibration_images(a).to(device()), a.size, a.budget)
@@ -474,7 +475,6 @@ def markdown(results: dict) -> str:
         )
     for name, r in results.items():
         if name.startswith("profile ") and r["status"] == "ok":
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
             from selection_profile import markdown as profile_markdown
 
             lines += ["", profile_markdown(r["result"], name.split(" ", 1)[1])]
