@@ -323,13 +323,16 @@ class LatencyModel:
         """The two calibrations' predictions of these widths, (depth map, stage model), whose
         mean is :meth:`predict` (for benchmarks/latency_calibration.py)."""
         ch = self._changes(widths)
-        staged = sum(self.alphas[s] * c for s, c in zip(self.stage_of, ch))
-        return self.full_ms + self._by_depth(sum(ch)), self.full_ms + staged
+        return self.full_ms + self._by_depth(sum(ch)), self.full_ms + self._staged(ch)
 
     def predict(self, widths: dict[str, int]) -> float:
         """Milliseconds of the model with these unit widths (others at full width)."""
         ch = self._changes(widths)
-        return self._combine(sum(ch), sum(self.alphas[s] * c for s, c in zip(self.stage_of, ch)))
+        return self._combine(sum(ch), self._staged(ch))
+
+    def _staged(self, changes: list[float]) -> float:
+        """The stage model's in-network change: each layer's change times its stage's ratio."""
+        return sum(self.alphas[s] * c for s, c in zip(self.stage_of, changes))
 
     def predict_moves(self, widths: dict[str, int], unit: str, ks: list[int]) -> list[float]:
         """:meth:`predict` with ``unit`` at each width of ``ks``: only the unit's layers re-priced."""
