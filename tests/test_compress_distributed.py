@@ -155,3 +155,62 @@ def test_compress_model_on_cuda_computes_its_statistics_without_tf32(monkeypatch
         model, 32, torch.randn(16, 3, 32, 32, device="cuda"), None, CompressConfig(target_macs=0.5)
     )
     assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32 is True and res.widths
+
+
+def _held_maps_rank(rank: int, port: int, maps: list, queue) -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    from gslim.compress.sums import HeldMaps
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(5, 3, 3, padding=1)
+        held = HeldMaps(conv, Shard(DistInfo(world_size=2, rank=rank)))
+        for x, y in maps[rank::2]:  # rank r holds every other batch's held-out images
+            held.add(x, y)
+        held.reduce()
+        W = conv.weight.detach().double()[:, [0, 3]].reshape(3, -1).T
+        queue.put((rank, held.rows, held.yy, held.error([0, 3], W)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_held_out_maps_sum_their_error_across_ranks_as_one_process_does():
+    """A dense consumer's held-out images stay on the rank that ran them (sums.HeldMaps): the
+    error of given weights is summed across ranks to what one process holding them all gets."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from torch import nn
+
+    from gslim.compress.sums import HeldMaps
+
+    gen = torch.Generator().manual_seed(1)
+    maps = [
+        (torch.randn(2, 5, 6, 6, generator=gen), torch.randn(2, 3, 6, 6, generator=gen)) for _ in range(4)
+    ]
+    maps[3] = (maps[3][0][:0], maps[3][1][:0])  # (a batch with no held-out image adds nothing)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 3, 3, padding=1)
+    one = HeldMaps(conv, Shard())
+    for x, y in maps[:3]:
+        one.add(x, y)
+    one.reduce()
+    W = conv.weight.detach().double()[:, [0, 3]].reshape(3, -1).T
+    want = (one.rows, one.yy, one.error([0, 3], W))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_held_maps_rank, args=(r, port, maps, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    for _, rows, yy, err in got:
+        assert (rows, yy, err) == want

@@ -77,6 +77,40 @@ def test_dense_held_out_share_is_whole_images_and_never_all_of_a_batch():
     assert not bool(one.draw(36, 1).held.any())  # a one-image batch is fitted
 
 
+@pytest.mark.parametrize("kw,hw", GEOMETRIES[::2] + [GEOMETRIES[-1]], ids=lambda v: str(v))
+def test_held_out_images_kept_as_maps_measure_the_error_their_sums_did(kw, hw):
+    """The walk keeps a dense consumer's held-out images as maps (their error: one conv) instead
+    of summing their Gram and cross term: the same error of any weights, and no held-out Gram."""
+    from gslim.compress.omp import subset_error
+    from gslim.compress.sums import HeldMaps, held_error
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 4, **kw)
+    sums, maps = (
+        StatsAccumulator(1.0, torch.Generator().manual_seed(3), dense=True, held_maps=m) for m in (0, 1)
+    )
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(5, 6, *hw)
+            y = target_map(conv, conv(x) + 0.1 * torch.randn_like(conv(x)))
+            sample = sums.draw(0, 5)
+            assert torch.equal(maps.draw(0, 5).held, sample.held)
+            sums.add_dense(conv, x, y, sample.held)
+            maps.add_dense(conv, x, y, sample.held)
+    a, b = sums.result(conv.kernel_size[0] * conv.kernel_size[1]), maps.result(0)
+    assert isinstance(b.held, HeldMaps) and maps.held.G is None  # no held-out Gram was summed
+    assert b.held.rows == a.held.rows and b.held.yy == pytest.approx(a.held.yy, rel=1e-12)
+    assert torch.equal(a.G, b.G)  # the fitted sums are the same
+    kk = conv.kernel_size[0] * conv.kernel_size[1]
+    for keep in ([0, 2, 5], list(range(6))):
+        for W in (
+            torch.randn(len(keep) * kk, 4, dtype=torch.float64),
+            conv.weight.detach().double()[:, keep].reshape(4, -1).T,
+        ):
+            want = subset_error(a.held, keep, W)
+            assert held_error(b.held, keep, W) == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
 def _plain_net() -> nn.Module:
     def block(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
@@ -121,7 +155,8 @@ def test_a_selection_on_dense_statistics_equals_one_on_every_row_sampled(monkeyp
 
     # every row, none held out: both ways fit the very same rows (well determined: 1,024+ rows
     # per consumer for at most 288 unknowns), so they must choose the same channels
-    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0, None, False, None))
+    defaults = calibrate.StatsAccumulator.__init__.__defaults__
+    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0,) + defaults[1:])
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     cfg = CompressConfig(criterion="greedy", target_macs=0.5, round_to=4, min_width=4, bn_recalib=False)
     chosen = {}

@@ -90,6 +90,32 @@ def test_a_chain_of_units_in_one_segment_runs_each_layer_once_in_the_walk(arch):
     assert all(n <= segment_walk.RESUME_CHECK_IMAGES for n in images if n != batch), images
 
 
+def test_the_walk_keeps_whole_set_activations_only_where_a_segment_holds_a_unit():
+    """Every image's activation is kept at each cut of the walk. A ResNet's stem (conv, BatchNorm,
+    ReLU, max-pool) holds no unit: it is part of the first block's segment, not four cuts of
+    whole-set 112 x 112 maps; past the last unit nothing runs (the head's output is never read)."""
+    from gslim.compress import greedy
+    from gslim.compress.units import find_units
+
+    model = _model("resnet18")
+    graph = find_units(model, 32, include_residual=False)
+    units = graph.units
+    merged = greedy.segments_for(graph, units, model, merge_idle=True)
+    ends = [max(graph.node_index[graph.consumer_node[c]] for c in u.consumers) for u in units]
+    holds = [any(seg.start < e <= seg.end for e in ends) for seg in merged]
+    assert all(holds[:-1]) and len(merged) <= len(units) + 1, holds
+    first = {n.target for n in merged[0].module.graph.nodes if n.op == "call_module"}
+    assert {"conv1", "bn1", "relu", "maxpool", "layer1.0.conv1", "layer1.0.conv2"} <= first
+    calls = []
+    model.fc.register_forward_hook(
+        lambda m, a, o: calls.append(a[0].shape[0])
+    )  # (copied to the pruned model)
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _compress(model, x)
+    # the planning pass runs the whole original network once per batch; the walk never reaches fc
+    assert calls.count(16) == 2, calls
+
+
 def test_an_se_units_second_pass_starts_at_its_squeeze(monkeypatch):
     # an SE unit is selected in two passes (the second after its surgery and the squeeze's
     # re-fit); the second starts from the first's values at the squeeze, so the expansion conv
@@ -125,7 +151,8 @@ def test_a_shortcut_that_does_not_reproduce_the_segment_falls_back_to_the_full_r
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
 def test_targets_kept_by_planning_replace_the_original_network_in_the_walk(arch, monkeypatch):
     # every row taken, none held out: both ways then fit the very same rows, so they must agree
-    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0, None, False, None))
+    defaults = calibrate.StatsAccumulator.__init__.__defaults__  # (holdout first)
+    monkeypatch.setattr(calibrate.StatsAccumulator.__init__, "__defaults__", (0.0,) + defaults[1:])
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     cfg = CompressConfig(
         criterion="greedy", target_macs=0.5, round_to=8, bn_recalib=False, max_positions=10**6

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -47,7 +47,7 @@ class Stats:
     yy: float  # ||Y||^2
     group: int  # columns per channel
     rows: int = 0
-    held: Optional["Stats"] = None  # the same sums over rows kept out of the fit
+    held: Optional[Any] = None  # the same sums over rows kept out of the fit (or sums.HeldMaps)
 
     @property
     def channels(self) -> int:
@@ -398,7 +398,10 @@ def coarsen(st: Stats, atom: int) -> Stats:
     channels a grouped conv keeps or drops together; columns are laid out channel-major)."""
     if atom == 1:
         return st
-    return replace(st, group=st.group * atom, held=coarsen(st.held, atom) if st.held is not None else None)
+    # (held-out rows kept as maps, gslim.compress.sums.HeldMaps, are read per channel: as they are)
+    return replace(
+        st, group=st.group * atom, held=coarsen(st.held, atom) if isinstance(st.held, Stats) else st.held
+    )
 
 
 def channels_of(groups: list[int], atom: int) -> list[int]:

@@ -4,13 +4,14 @@ and their split across torchrun ranks cannot change."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gslim.compress.dense_stats import channel_major, dense_cross, dense_gram_offsets
-from gslim.compress.omp import Stats
+from gslim.compress.dense_stats import channel_major, dense_cross, dense_gram_offsets, explicit_padding
+from gslim.compress.omp import Stats, subset_error
 from gslim.compress.shard import SINGLE, ExactSum, Shard
 from gslim.errors import GslimError
 
@@ -52,6 +53,7 @@ class StatsAccumulator:
         shard: Optional[Shard] = None,
         dense: bool = False,
         cross_weights: Optional[torch.Tensor] = None,
+        held_maps: bool = False,
     ):
         self.fraction, self.holdout, self.dense = fraction, holdout, dense
         self.cross_weights = cross_weights
@@ -60,6 +62,9 @@ class StatsAccumulator:
         self.batches = 0  # batches drawn so far on this rank
         self.fit = _Sums()
         self.held = _Sums()
+        # ``held_maps``: add_dense keeps the held-out images as maps, not as sums (HeldMaps)
+        self.held_maps: Optional[HeldMaps] = None
+        self.keep_held_maps = held_maps
         self.reduced = False
 
     def draw(self, n: int, images: int = 1) -> Sample:
@@ -101,6 +106,15 @@ class StatsAccumulator:
         if held is None:
             self.fit.add_products(dense_gram_offsets(mod, x), cross(x, Y), Y, Y.numel() // Y.shape[1])
             return
+        if self.keep_held_maps:
+            mask = held.to(x.device)
+            if self.held_maps is None:
+                self.held_maps = HeldMaps(mod, self.shard)
+            if bool(mask.any()):  # (one read of a small mask per batch)
+                self.held_maps.add(x[mask], Y[mask])
+            xs, ys = x[~mask], Y[~mask]
+            self.fit.add_products(dense_gram_offsets(mod, xs), cross(xs, ys), ys, ys.numel() // ys.shape[1])
+            return
         for sums, mask in ((self.fit, ~held), (self.held, held)):
             mask = mask.to(x.device)
             xs, ys = x[mask], Y[mask]
@@ -121,9 +135,13 @@ class StatsAccumulator:
                     sums.reduce(self.shard)
                     if self.cross_weights is not None:  # (after the all-reduce: every rank the same)
                         sums.B = sums.G @ self.cross_weights.to(sums.G.device, sums.G.dtype)
+            if self.held_maps is not None:
+                self.held_maps.reduce()
             self.reduced = True
         held = None
-        if self.held.G is not None and self.held.rows > 0:
+        if self.held_maps is not None and self.held_maps.rows > 0:
+            held = self.held_maps
+        elif self.held.G is not None and self.held.rows > 0:
             h = self.held
             held = Stats(h.G, h.B, float(h.yy), group, h.rows)
         f = self.fit
@@ -221,3 +239,61 @@ class _Sums:
             shard.sum_(self.B)
         shard.exact_sum_(self.yy)
         self.rows = int(shard.sum_numbers([float(self.rows)])[0])
+
+
+class HeldMaps:
+    """A dense consumer's held-out images as they are: its input maps and its target maps.
+
+    The held-out rows only ever answer one question, the error of given weights on them (the
+    re-fit's against the current weights'). Their Gram and cross term cost a fifth of the dense
+    statistics (13 C x C products and a backward-weight conv per batch); kept as maps, the
+    question is one conv of the held-out inputs with those weights. The error is the residual's
+    own sum of squares (float32 conv, float64 sum), which does not cancel the way
+    ``yy - 2 <W, B> + <W, G W>`` does. Memory: a fifth of one layer's input and output maps,
+    where dense statistics are taken (late, small maps)."""
+
+    def __init__(self, mod: nn.Conv2d, shard: Shard):
+        self.pad, self.dilation, self.kernel = (
+            explicit_padding(mod),
+            tuple(mod.dilation),
+            tuple(mod.kernel_size),
+        )
+        self.shard = shard
+        self.maps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._yy = ExactSum()
+        self._yy.add(torch.zeros((), dtype=torch.float64))  # (every rank adds a term: exact_sum_)
+        self.rows = 0
+        self.yy = 0.0
+
+    def add(self, x: torch.Tensor, Y: torch.Tensor) -> None:
+        self.maps.append((x, Y))
+        self._yy.add(Y.double().pow(2).sum())
+        self.rows += Y.numel() // Y.shape[1]
+
+    def reduce(self) -> None:
+        """Sum ||Y||^2 and the row count across ranks (once, as the fitted sums are)."""
+        self.shard.exact_sum_(self._yy)
+        self.yy = float(self._yy)
+        self.rows = int(self.shard.sum_numbers([float(self.rows)])[0])
+
+    def error(self, keep: Sequence[int], W: torch.Tensor) -> float:
+        """Relative error on the held-out images of consumer weights ``W`` (regression layout:
+        rows for ``keep``'s channels, k*k each, as :func:`gslim.compress.omp.refit` returns them).
+        Every rank must call it (the error is summed across ranks)."""
+        total = ExactSum()
+        total.add(torch.zeros((), dtype=torch.float64))
+        if self.maps:
+            x0 = self.maps[0][0]
+            idx = torch.as_tensor(list(keep), dtype=torch.long, device=x0.device)
+            w = W.T.reshape(W.shape[1], len(idx), *self.kernel).to(x0.device, torch.float32)
+            for x, Y in self.maps:
+                out = F.conv2d(F.pad(x.index_select(1, idx).float(), self.pad), w, dilation=self.dilation)
+                total.add((out - Y.float()).double().pow(2).sum())
+        self.shard.exact_sum_(total)
+        return max(float(total), 0.0) / (self.yy or 1.0)
+
+
+def held_error(held, keep: Sequence[int], W: torch.Tensor) -> float:
+    """The relative error of consumer weights ``W`` on held-out rows: kept as sums (a
+    :class:`gslim.compress.omp.Stats`) or as maps (:class:`HeldMaps`)."""
+    return held.error(keep, W) if isinstance(held, HeldMaps) else subset_error(held, list(keep), W)
