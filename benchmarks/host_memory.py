@@ -2,15 +2,18 @@
 
     python benchmarks/host_memory.py --archs mobilenet_v2,resnet18,resnet50 --rounds 2
 
-For each model and round, two child processes in alternating order, one per setting:
-``default`` (glibc as it starts) and ``kept`` (:func:`gslim.host_memory.keep_freed_memory`, what
-``GSLIM_HOST_MEMORY=keep`` makes the CLI apply at start). Each child: a forward pass over the
+For each model and round, one child process per setting, the order reversed every other round:
+``default`` (glibc as it starts), ``kept`` (:func:`gslim.host_memory.keep_freed_memory`, what
+``GSLIM_HOST_MEMORY=keep`` makes the CLI apply at start), and each of them ``+huge``: PyTorch's
+own switch ``THP_MEM_ALLOC_ENABLE=1`` (c10's CPU allocator aligns blocks of 2 MB and more to 2 MB
+and marks them ``MADV_HUGEPAGE``), measured for #13 and not adopted (BENCHMARKS.md "Huge pages").
+Each child: a forward pass over the
 calibration images in batches of 64 (after a warm-up batch), one greedy ``compress_model`` (50%
 MACs, the batch of 64), and ``--train-steps`` SGD steps of a batch of 32 (forward, backward,
 update: the fine-tune's work; an evaluation batch of 64 after every tenth). Same images as
 ``selection_speed.py``. Prints, per model and setting, the median over rounds of each wall time,
 the compress's system CPU seconds and minor page faults, and the child's peak resident memory;
-then the default/kept ratio of each median.
+then the ratio of the default's median to each other setting's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SETTINGS = ("default", "kept")
+SETTINGS = ("default", "kept", "default+huge", "kept+huge")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,11 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def child(a: argparse.Namespace) -> dict:
     """One model under one setting, in this (fresh) process."""
     arch, setting = a.child
-    applied = "default"
-    if setting == "kept":
-        from gslim.host_memory import keep_freed_memory
+    from gslim.host_memory import keep_freed_memory
 
-        applied = keep_freed_memory()
+    applied = []
+    if setting.endswith("+huge"):  # (set for this child by run_child, before Python started)
+        applied.append("huge pages" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "no huge pages")
+    if setting.startswith("kept"):
+        applied.append(keep_freed_memory())
     from selection_speed import calibration, forward_seconds
 
     from gslim.compress.select import compress_model
@@ -72,7 +77,7 @@ def child(a: argparse.Namespace) -> dict:
     greedy, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     train = _train_seconds(slim, x, y, a.train_steps)
     return {
-        "applied": applied,
+        "applied": ", ".join(applied) or "default",
         "data": source,
         "forward_s": forward,
         "greedy_s": greedy,
@@ -110,7 +115,13 @@ def run_child(a: argparse.Namespace, arch: str, setting: str) -> dict:
     cmd = [sys.executable, __file__, "--child", arch, setting]
     cmd += ["--images", str(a.images), "--size", str(a.size), "--batch", str(a.batch)]
     cmd += ["--train-steps", str(a.train_steps), "--threads", str(a.threads), "--data", a.data]
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GSLIM_HOST_MEMORY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GLIBC_TUNABLES", "GSLIM_HOST_MEMORY", "THP_MEM_ALLOC_ENABLE")
+    }
+    if setting.endswith("+huge"):
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"host_memory.py: {arch} under {setting} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -141,20 +152,23 @@ def main(argv=None) -> int:
         med = {s: {c: statistics.median(run[c] for run in runs[s]) for c in COLUMNS} for s in SETTINGS}
         for s in SETTINGS:
             applied = runs[s][0]["applied"]
-            label = s if applied in ("default", "kept") else f"{s} ({applied})"
+            label = (
+                s if applied in ("default", "kept", "huge pages", "huge pages, kept") else f"{s} ({applied})"
+            )
             m = med[s]
             print(
                 f"| {arch} | {label} | {m['forward_s']:.2f} | {m['greedy_s']:.2f} | {m['greedy_system_s']:.1f} | "
                 f"{m['greedy_faults']:,.0f} | {m['train_s']:.2f} | {m['peak_rss_mb']:.0f} |"
             )
-        ratio = {
-            c: med["default"][c] / max(med["kept"][c], 1e-9) for c in ("forward_s", "greedy_s", "train_s")
-        }
-        print(
-            f"| {arch} | default / kept | {ratio['forward_s']:.2f}x | {ratio['greedy_s']:.2f}x | | | "
-            f"{ratio['train_s']:.2f}x | {med['kept']['peak_rss_mb'] / med['default']['peak_rss_mb']:.2f} (kept/default) |",
-            flush=True,
-        )
+        for s in SETTINGS[1:]:
+            ratio = {
+                c: med["default"][c] / max(med[s][c], 1e-9) for c in ("forward_s", "greedy_s", "train_s")
+            }
+            print(
+                f"| {arch} | default / {s} | {ratio['forward_s']:.2f}x | {ratio['greedy_s']:.2f}x | | | "
+                f"{ratio['train_s']:.2f}x | {med[s]['peak_rss_mb'] / med['default']['peak_rss_mb']:.2f} ({s}/default) |",
+                flush=True,
+            )
     return 0
 
 
