@@ -56,10 +56,9 @@ def segments_for(
     spans = [unit_span(u, graph.node_index, graph.consumer_node) for u in units]
     cuts = cut_points(graph.traced, spans)
     if merge_idle and cuts:
-        ends = [max(graph.node_index[graph.consumer_node[c]] for c in u.consumers) for u in units]
         merged = [cuts[0]]
         for c in cuts[1:]:
-            if any(merged[-1] < e <= c for e in ends):  # the segment up to c holds a consumer
+            if any(merged[-1] < end <= c for _, end in spans):  # the segment up to c holds a consumer
                 merged.append(c)
         cuts = merged
     return build_segments(graph.traced, cuts, root)

@@ -100,11 +100,12 @@ class StatsAccumulator:
         """Add a batch's every row: ``x`` the consumer's input, ``Y`` its target map (:func:`target_map`),
         ``held`` the held-out images."""
 
-        def cross(x: torch.Tensor, Y: torch.Tensor) -> Optional[torch.Tensor]:
-            return dense_cross(mod, x, Y) if self.cross_weights is None else None
+        def add(sums: _Sums, x: torch.Tensor, Y: torch.Tensor) -> None:
+            B = dense_cross(mod, x, Y) if self.cross_weights is None else None
+            sums.add_products(dense_gram_offsets(mod, x), B, Y, Y.numel() // Y.shape[1])
 
         if held is None:
-            self.fit.add_products(dense_gram_offsets(mod, x), cross(x, Y), Y, Y.numel() // Y.shape[1])
+            add(self.fit, x, Y)
             return
         if self.keep_held_maps:
             mask = held.to(x.device)
@@ -112,8 +113,7 @@ class StatsAccumulator:
                 self.held_maps = HeldMaps(mod, self.shard)
             if bool(mask.any()):  # (one read of a small mask per batch)
                 self.held_maps.add(x[mask], Y[mask])
-            xs, ys = x[~mask], Y[~mask]
-            self.fit.add_products(dense_gram_offsets(mod, xs), cross(xs, ys), ys, ys.numel() // ys.shape[1])
+            add(self.fit, x[~mask], Y[~mask])  # (draw fits at least one image of every batch)
             return
         for sums, mask in ((self.fit, ~held), (self.held, held)):
             mask = mask.to(x.device)
@@ -123,7 +123,7 @@ class StatsAccumulator:
                 zero_cross = x.new_zeros(kk * C, Y.shape[1]) if self.cross_weights is None else None
                 sums.add_products(x.new_zeros(kk, C, kk, C), zero_cross, ys, 0)
                 continue
-            sums.add_products(dense_gram_offsets(mod, xs), cross(xs, ys), ys, ys.numel() // ys.shape[1])
+            add(sums, xs, ys)
 
     def result(self, group: int) -> Stats:
         if self.fit.G is None:
@@ -253,11 +253,8 @@ class HeldMaps:
     where dense statistics are taken (late, small maps)."""
 
     def __init__(self, mod: nn.Conv2d, shard: Shard):
-        self.pad, self.dilation, self.kernel = (
-            explicit_padding(mod),
-            tuple(mod.dilation),
-            tuple(mod.kernel_size),
-        )
+        self.pad = explicit_padding(mod)
+        self.dilation, self.kernel = tuple(mod.dilation), tuple(mod.kernel_size)
         self.shard = shard
         self.maps: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._yy = ExactSum()
