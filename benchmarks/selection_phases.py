@@ -9,9 +9,11 @@ pass over the same images.
 Phases: the planning pass (the original network once: error curves and the walk's targets), the
 walk (the pruned network once, unit by unit: statistics, OMP, re-fit, surgery), the knapsack;
 across both, the statistics' sums (``StatsAccumulator.add`` / ``add_dense``) and the OMP paths.
-"other" is what is left above two plain passes: the statistics and the OMP subtracted, so it is
-the network's own time above its floor (a walk's pass is not a plain pass: full-width producers,
-kept values, checks) and the set-up. The floor is 2 (the original and the pruned network each
+"kernel s" is the selection's system CPU time (on a VM mostly the first touch of memory the
+process had not used before); "peak RSS MB" the process's peak so far, so a model's own only when
+it runs first (``--archs`` one model). "other" is what is left above two plain passes: the
+statistics and the OMP subtracted, so it is the network's own time above its floor (a walk's
+pass is not a plain pass: full-width producers, kept values, checks) and the set-up. The floor is 2 (the original and the pruned network each
 see the data once); #13's targets are <= 3 for the MobileNets and <= 4 for the ResNets.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import resource
 import sys
 import time
 import warnings
@@ -65,13 +68,17 @@ def phases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int) 
         _timed(sums.StatsAccumulator, "add_dense", "statistics sums"),
     ]
     PHASES.clear()
+    kernel0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     try:
         cfg = CompressConfig(criterion="greedy", target_macs=0.5, round_to=8, bn_recalib=False)
         res = select.compress_model(model, size, x, y, cfg, seed=0, batch_size=64)
     finally:
         for u in undo:
             u()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     out = {k: PHASES[k] for k in ("planning pass", "knapsack", "statistics sums", "OMP paths")}
+    # (kernel time is mostly first touches of memory the process had not used yet: page faults)
+    out["kernel s"], out["peak RSS MB"] = usage.ru_stime - kernel0, usage.ru_maxrss / 1024
     out["selection"] = res.seconds
     out["walk"] = res.seconds - out["planning pass"] - out["knapsack"]
     return out
@@ -80,7 +87,7 @@ def phases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int) 
 def in_passes(seconds: dict, forward_s: float) -> dict:
     """The phases in forward passes; "other" = the selection less two passes, the sums, the OMP
     and the knapsack."""
-    out = {k: v / forward_s for k, v in seconds.items()}
+    out = {k: v / forward_s for k, v in seconds.items() if k not in ("kernel s", "peak RSS MB")}
     out["other"] = out["selection"] - 2 - out["statistics sums"] - out["OMP paths"] - out["knapsack"]
     return out
 
@@ -105,8 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     x, y, desc = calibration(a.images, a.size, "auto")
     cols = ["planning pass", "walk", "knapsack", "statistics sums", "OMP paths", "other"]
     print(f"{a.images} images at {a.size} px ({desc}), 50% MACs, {a.threads} thread(s); in forward passes\n")
-    print("| model | forward s | selection s | passes | " + " | ".join(cols) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(cols))
+    print("| model | forward s | selection s | passes | " + " | ".join(cols) + " | kernel s | peak RSS MB |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(cols) + 2))
     for arch in [s.strip() for s in a.archs.split(",") if s.strip()]:
         torch.manual_seed(0)
         model = build_architecture(arch, 1000).eval()
@@ -117,7 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(
             f"| {arch} | {fwd:.2f} | {seconds['selection']:.2f} | {r['selection']:.2f} | "
             + " | ".join(f"{r[c]:.2f}" for c in cols)
-            + " |",
+            + f" | {seconds['kernel s']:.2f} | {seconds['peak RSS MB']:.0f} |",
             flush=True,
         )
     return 0

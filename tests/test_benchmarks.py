@@ -122,6 +122,8 @@ def test_selection_phases_tiny():
     assert planning > 0 and walk > 0 and sums > 0 and omp > 0
     assert abs(planning + walk + knapsack - passes) < 0.05 * passes
     assert abs(2 + sums + omp + knapsack + other - passes) < 0.05 * passes
+    kernel, peak_mb = float(row[11]), float(row[12])  # the memory columns: a process's own measures
+    assert kernel >= 0 and peak_mb > 50
 
 
 def test_selection_speed_tiny(tmp_path):
@@ -317,3 +319,11 @@ def test_statistics_sums_refuses_an_unknown_part_with_argparse_error():
         "--part: a comma-separated list of grams and planning (got 'grams,nope')"
         in proc.stderr.splitlines()[-1]
     )
+
+
+def test_dense_stats_tiny():
+    """benchmarks/dense_stats.py times the three ways on every shape it lists."""
+    proc = _run(["benchmarks/dense_stats.py", "--images", "2", "--threads", "1"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("| ") and " ch, " in r]
+    assert len(rows) == 4 and all(float(c) > 0 for r in rows for c in r.strip("| ").split("|")[1:])

@@ -179,3 +179,21 @@ def test_a_selection_on_dense_statistics_equals_one_on_every_row_sampled(monkeyp
     with torch.no_grad():
         a, b = dense.model(x), sampled.model(x)
     assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("kw,hw", GEOMETRIES, ids=lambda v: str(v))
+def test_a_dense_sum_over_batches_is_the_sum_of_their_whole_grams(kw, hw):
+    # the sums add each batch's upper offset blocks only and mirror them once at the end: exactly
+    # what summing every batch's whole (symmetric) float32 Gram in float64 gives, bit for bit
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, **kw)
+    batches = [torch.randn(3, 4, *hw) for _ in range(3)]
+    weights = torch.zeros(conv.weight[0].numel(), 6, dtype=torch.float64)
+    acc = StatsAccumulator(1.0, torch.Generator().manual_seed(0), 0.0, dense=True, cross_weights=weights)
+    for x in batches:
+        with torch.no_grad():
+            y = conv(x)
+        acc.add_dense(conv, x, target_map(conv, y), acc.draw(y[0, 0].numel() * 3, 3).held)
+    expected = sum(dense_gram(conv, x).double() for x in batches)
+    G = acc.result(conv.weight[0, 0].numel()).G
+    assert torch.equal(G, expected) and torch.equal(G, G.T)

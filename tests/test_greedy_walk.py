@@ -174,3 +174,31 @@ def test_targets_kept_by_planning_replace_the_original_network_in_the_walk(arch,
     assert kept.widths == rerun.widths and kept_orders == rerun_orders
     with torch.no_grad():
         torch.testing.assert_close(kept.model(x), rerun.model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_walk_lets_go_of_a_segments_input_batch_by_batch_as_it_computes_the_output():
+    """A segment's input and output are both whole-set activations: held together they doubled the
+    walk's peak (ResNet-50, 224 px, 256 images: 1.6 GB at layer1), and the heap grew into fresh
+    pages. Each input batch is let go once its output batch exists."""
+    import weakref
+
+    model = _model("resnet18")
+    block = model.layer1[1]  # a segment of its own: its input is the walk's whole-set activation
+    seen, alive_at_end = [], []
+    block.conv1.register_forward_hook(  # (copied to the pruned model: the hooks tell the two apart)
+        lambda m, a, o: seen.append(weakref.ref(a[0])) if m is not block.conv1 and len(a[0]) == 16 else None
+    )
+    block.bn2.register_forward_hook(
+        lambda m, a, o: (
+            alive_at_end.append(sum(r() is not None for r in seen))
+            if m is not block.bn2 and len(a[0]) == 16
+            else None
+        )
+    )
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _compress(model, x)
+    # the walk's first pass over the block sees its four input batches, the segment's end then
+    # runs once per batch: before batch i's end, batches 0..i-1 of the input are gone
+    assert len(seen) == 4 and alive_at_end == [4, 3, 2, 1], alive_at_end

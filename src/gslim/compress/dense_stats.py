@@ -181,17 +181,24 @@ def channel_major(G: torch.Tensor) -> torch.Tensor:
 
 
 def dense_gram_offsets(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """:func:`dense_gram` offset-major, (k*k, C, k*k, C): the layout it is filled in. A sum over
-    batches can stay in it and be laid out channel-major once (the re-layout is a strided copy
-    of the whole Gram: 25 ms of a 4,608-wide one, a third of adding it to the sum)."""
+    """:func:`dense_gram` offset-major, (k*k, C, k*k, C), float32: the layout it is filled in."""
+    kk, C = mod.kernel_size[0] * mod.kernel_size[1], x.shape[1]
+    G = x.new_zeros(kk, C, kk, C, dtype=torch.float32)
+    add_dense_gram(mod, x, G)
+    mirror_offsets(G)
+    return G
+
+
+def add_dense_gram(mod: nn.Conv2d, x: torch.Tensor, total: torch.Tensor) -> None:
+    """Add the Gram of ``consumer_rows(mod, x)`` (every row, float32 products) to ``total``, an
+    offset-major (k*k, C, k*k, C) sum of any float dtype, on its upper offset blocks only (a <= b:
+    45 of a 3 x 3 kernel's 81). The lower ones are the upper ones' transposes: a sum over batches
+    leaves them alone and :func:`mirror_offsets` fills them once. Each block goes straight into
+    the sum: no whole Gram per batch, written and read again (a 4,608-wide one: 85 MB in float32,
+    its float64 add as long as half of its products)."""
     x = x.float()
-    N, C, H, W = x.shape
-    kk = mod.kernel_size[0] * mod.kernel_size[1]
+    H, W = x.shape[2:]
     plan = _plan(*_geometry_key(mod), H, W)
-    # offset-major while filling (each block's rows are contiguous); zeros only where a block is
-    # not written (an offset pair that no position reads: maps smaller than the kernel's reach)
-    written = sum(2 - (b.a == b.b) for diff in plan for b in diff.blocks)
-    G = x.new_empty(kk, C, kk, C) if written == kk * kk else x.new_zeros(kk, C, kk, C)
     shifted = _ShiftedLayout(x, mod.dilation[1] * (mod.kernel_size[1] - 1))
     for diff in plan:
         (R, K), shift = diff.bulk, diff.shift
@@ -208,21 +215,33 @@ def dense_gram_offsets(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         for blk in diff.blocks:
             if blk.direct:
                 block = _product(x, *blk.window, shift)
-            else:
-                block = full.clone()
-                for k in blk.trimmed_rows:
-                    block -= line("row", k)
-                for k in blk.trimmed_cols:
-                    block -= line("col", k)
+            elif blk.trimmed_rows or blk.trimmed_cols:  # (the bulk less the window's trimmed lines)
+                trims = [line("row", k) for k in blk.trimmed_rows] + [
+                    line("col", k) for k in blk.trimmed_cols
+                ]
+                block = full - trims[0]
+                for t in trims[1:]:
+                    block -= t
                 for kr in blk.trimmed_rows:  # the corners were subtracted twice
                     for kc in blk.trimmed_cols:
                         block += _product(x, (kr, kr + 1), (kc, kc + 1), shift)
-            if blk.a == blk.b:  # exactly symmetric (a product's rounding need not be)
-                block = block.triu() + block.triu(1).T
-            G[blk.a, :, blk.b, :] = block
-            if blk.a != blk.b:
-                G[blk.b, :, blk.a, :] = block.T
-    return G
+            else:
+                block = full
+            # (the plan's differences lie in one half-plane: b >= a; a diagonal block is made
+            # exactly symmetric once, on the sum, by mirror_offsets)
+            total[blk.a, :, blk.b, :].add_(block)
+
+
+def mirror_offsets(G: torch.Tensor) -> None:
+    """Fill the lower offset blocks (a > b) of a (k*k, C, k*k, C) sum of :func:`add_dense_gram`
+    from the upper ones, and each diagonal block's lower triangle from its upper one (its
+    products' rounding need not be symmetric; the upper triangle of a sum is the sum of the
+    upper triangles, so this is the same as making each batch's block symmetric)."""
+    kk = G.shape[0]
+    for a in range(kk):
+        G[a, :, a, :] = G[a, :, a, :].triu() + G[a, :, a, :].triu(1).T
+        for b in range(a + 1, kk):
+            G[b, :, a, :] = G[a, :, b, :].T
 
 
 def dense_cross(mod: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,8 @@ def planning_curves(
                 original(x)
     curves = {}
     for u in units:
-        stats = [coarsen(accs[(u.name, c)].result(kernel_group(mods[c])), u.atom) for c in u.consumers]
+        # (popped: a unit's sums are let go once its curve exists, not held to the last unit's)
+        stats = [coarsen(accs.pop((u.name, c)).result(kernel_group(mods[c])), u.atom) for c in u.consumers]
         # the curve only needs to resolve errors down to ~1e-3: below that a unit is as good as whole
         _, path = greedy_select(
             stats,

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gslim.compress.dense_stats import channel_major, dense_cross, dense_gram_offsets, explicit_padding
+from gslim.compress.dense_stats import (
+    add_dense_gram,
+    channel_major,
+    dense_cross,
+    explicit_padding,
+    mirror_offsets,
+)
 from gslim.compress.omp import Stats, subset_error
 from gslim.compress.shard import SINGLE, ExactSum, Shard
 from gslim.errors import GslimError
@@ -102,7 +108,7 @@ class StatsAccumulator:
 
         def add(sums: _Sums, x: torch.Tensor, Y: torch.Tensor) -> None:
             B = dense_cross(mod, x, Y) if self.cross_weights is None else None
-            sums.add_products(dense_gram_offsets(mod, x), B, Y, Y.numel() // Y.shape[1])
+            sums.add_dense(mod, x, B, Y, Y.numel() // Y.shape[1])
 
         if held is None:
             add(self.fit, x, Y)
@@ -121,7 +127,7 @@ class StatsAccumulator:
             if xs.shape[0] == 0:  # zeros, still: under torchrun every rank all-reduces the same sums
                 kk, C = mod.kernel_size[0] * mod.kernel_size[1], x.shape[1]
                 zero_cross = x.new_zeros(kk * C, Y.shape[1]) if self.cross_weights is None else None
-                sums.add_products(x.new_zeros(kk, C, kk, C), zero_cross, ys, 0)
+                sums.add_dense(mod, xs, zero_cross, ys, 0)
                 continue
             add(sums, xs, ys)
 
@@ -200,16 +206,19 @@ class _Sums:
         self.yy.add(Y.double().pow(2).sum())
         self.rows += X.shape[0]
 
-    def add_products(self, G: torch.Tensor, B: Optional[torch.Tensor], Y: torch.Tensor, rows: int) -> None:
-        """Add a batch's G and B computed elsewhere (float32, whole; B None: not summed), with its
-        targets ``Y``. G is offset-major (k*k, C, k*k, C), :func:`dense_gram_offsets`: summed as
-        it is, laid out channel-major once, by :meth:`complete`."""
+    def add_dense(
+        self, mod: nn.Conv2d, x: torch.Tensor, B: Optional[torch.Tensor], Y: torch.Tensor, rows: int
+    ) -> None:
+        """Add a batch's every row (:func:`add_dense_gram`; B computed by the caller, None: not
+        summed) with its targets ``Y``. G is summed offset-major, (k*k, C, k*k, C), on its upper
+        offset blocks, and laid out as the columns once, by :meth:`complete`."""
         if self.G is None:
-            self.G = G.double()
+            kk, C = mod.kernel_size[0] * mod.kernel_size[1], x.shape[1]
+            self.G = torch.zeros(kk, C, kk, C, dtype=torch.float64, device=x.device)
             self.offset_major = True
-        else:
-            assert not self.upper_only, "whole Grams added to one kept as its upper blocks"
-            self.G.add_(G)
+        assert self.offset_major, "every row added to the sums of sampled rows"
+        if x.shape[0]:
+            add_dense_gram(mod, x, self.G)
         if B is not None:
             self.B = B.double() if self.B is None else self.B.add_(B)
         self.yy.add(Y.double().pow(2).sum())
@@ -224,6 +233,7 @@ class _Sums:
         """Fill G's lower blocks from the upper ones, or lay an offset-major G out as the
         columns (once, after the last batch)."""
         if self.offset_major:
+            mirror_offsets(self.G)
             self.G = channel_major(self.G)
             self.offset_major = False
         if self.upper_only:
