@@ -13,8 +13,8 @@ across both, the statistics' sums (``StatsAccumulator.add`` / ``add_dense``) and
 process had not used before); "peak RSS MB" the process's peak so far, so a model's own only when
 it runs first (``--archs`` one model). "other" is what is left above two plain passes: the
 statistics and the OMP subtracted, so it is the network's own time above its floor (a walk's
-pass is not a plain pass: full-width producers, kept values, checks) and the set-up. The floor is 2 (the original and the pruned network each
-see the data once); #13's targets are <= 3 for the MobileNets and <= 4 for the ResNets.
+pass is not a plain pass: full-width producers, kept values, checks) and the set-up. The floor
+is 2 (the original and the pruned network each see the data once); #13's targets are <= 3 for the MobileNets and <= 4 for the ResNets.
 """
 
 from __future__ import annotations

@@ -177,9 +177,9 @@ def test_targets_kept_by_planning_replace_the_original_network_in_the_walk(arch,
 
 
 def test_the_walk_lets_go_of_a_segments_input_batch_by_batch_as_it_computes_the_output():
-    """A segment's input and output are both whole-set activations: held together they doubled the
-    walk's peak (ResNet-50, 224 px, 256 images: 1.6 GB at layer1), and the heap grew into fresh
-    pages. Each input batch is let go once its output batch exists."""
+    """A segment's input and output are both whole-set activations, held together while the walk
+    ran the segment's end (ResNet-50, 224 px, 256 images: 1.6 GB at layer1; the in-use heap's peak
+    3.13 GB, 2.60 GB letting go). Each input batch is let go once its output batch exists."""
     import weakref
 
     model = _model("resnet18")
