@@ -1,7 +1,9 @@
 """Where a greedy selection's forward passes go: each phase of ``compress_model`` timed, in
 ``selection_speed.py``'s setting (random weights, 1000 classes, 50% MACs, ``round_to`` 8, BatchNorm
 re-calibration off, Fashion-MNIST images resized, host memory kept), in units of one plain forward
-pass over the same images.
+pass over the same images (the model as built: planar, BatchNorm a layer of its own); "rewritten
+passes" are in units of one pass the way the selection runs the network (``fast_passes``:
+BatchNorm folded into its conv, channels-last on a CPU).
 
     python benchmarks/selection_phases.py [--archs mobilenet_v2,mobilenet_v3_large,resnet18,resnet50] \
         [--images 256] [--size 224] [--threads 2]
@@ -84,6 +86,18 @@ def phases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int) 
     return out
 
 
+def rewritten_forward_seconds(model: torch.nn.Module, x: torch.Tensor, size: int) -> float:
+    """One pass as the selection's passes run the network (compress/fast_passes.py: BatchNorm
+    folded into its conv, channels-last images on a CPU), every foldable pair folded."""
+    from selection_speed import forward_seconds
+
+    from gslim.compress.fast_passes import foldable_pairs, folded_batchnorm, statistics_layout
+    from gslim.compress.units import trace
+
+    with folded_batchnorm([model], foldable_pairs(trace(model, size))):
+        return forward_seconds(model, statistics_layout(x))
+
+
 def in_passes(seconds: dict, forward_s: float) -> dict:
     """The phases in forward passes; "other" = the selection less two passes, the sums, the OMP
     and the knapsack."""
@@ -112,17 +126,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     x, y, desc = calibration(a.images, a.size, "auto")
     cols = ["planning pass", "walk", "knapsack", "statistics sums", "OMP paths", "other"]
     print(f"{a.images} images at {a.size} px ({desc}), 50% MACs, {a.threads} thread(s); in forward passes\n")
-    print("| model | forward s | selection s | passes | " + " | ".join(cols) + " | kernel s | peak RSS MB |")
-    print("|---|---:|---:|---:|" + "---:|" * (len(cols) + 2))
+    print(
+        "| model | forward s | rewritten pass s | selection s | passes | rewritten passes | "
+        + " | ".join(cols)
+        + " | kernel s | peak RSS MB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * (len(cols) + 2))
     for arch in [s.strip() for s in a.archs.split(",") if s.strip()]:
         torch.manual_seed(0)
         model = build_architecture(arch, 1000).eval()
         before = forward_seconds(model, x)
         seconds = phases(model, x, y, a.size)
         fwd = (before + forward_seconds(model, x)) / 2  # the mean of one before and one after
+        fast = rewritten_forward_seconds(model, x, a.size)
         r = in_passes(seconds, fwd)
         print(
-            f"| {arch} | {fwd:.2f} | {seconds['selection']:.2f} | {r['selection']:.2f} | "
+            f"| {arch} | {fwd:.2f} | {fast:.2f} | {seconds['selection']:.2f} | {r['selection']:.2f} | "
+            + f"{seconds['selection'] / fast:.2f} | "
             + " | ".join(f"{r[c]:.2f}" for c in cols)
             + f" | {seconds['kernel s']:.2f} | {seconds['peak RSS MB']:.0f} |",
             flush=True,

@@ -19,6 +19,17 @@ from gslim.compress.select import compress_model
 from gslim.recipe import CompressConfig
 
 
+@pytest.fixture(autouse=True)
+def _passes_as_written(monkeypatch):
+    """The shortcuts must give what rerunning gives bit for bit, so these tests run the network as
+    written: the passes' rewrites (compress/fast_passes.py) round differently where a layer runs
+    in another width or with a hook on it (oneDNN's channels-last kernels block by width; a
+    consumer is unfolded while the original's hook reads its output), and in these random-weight
+    networks near-tied channels then swap. tests/test_fast_passes.py checks the rewrites."""
+    monkeypatch.setattr("gslim.compress.select.foldable_pairs", lambda gm: [])
+    monkeypatch.setattr("gslim.compress.select.statistics_layout", lambda t: t)
+
+
 def _model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=10).eval()

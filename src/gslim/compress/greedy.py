@@ -45,6 +45,19 @@ from gslim.recipe import CompressConfig
 MIN_ROWS_PER_UNKNOWN = 2.0
 
 
+def walk_cut_layers(graph: UnitGraph) -> set[str]:
+    """The layers after which the walk may end a segment (a superset of :func:`segments_for`'s
+    cuts): a value there is carried to the next segment in a list, batch by batch."""
+    _, cuts = _spans_and_cuts(graph, [u for u in graph.units if u.kind == "internal"])
+    nodes = list(graph.traced.graph.nodes)
+    return {str(nodes[i].target) for i in cuts if nodes[i].op == "call_module"}
+
+
+def _spans_and_cuts(graph: UnitGraph, units: list[Unit]) -> tuple[list[tuple[int, int]], list[int]]:
+    spans = [unit_span(u, graph.node_index, graph.consumer_node) for u in units]
+    return spans, cut_points(graph.traced, spans)
+
+
 def segments_for(
     graph: UnitGraph, units: list[Unit], root: nn.Module, merge_idle: bool = False
 ) -> list[Segment]:
@@ -53,8 +66,7 @@ def segments_for(
     every image's activations at each cut, and a cut between the stem's layers (a ResNet's conv,
     BatchNorm, ReLU and max-pool are each one) made it keep, and fault into fresh memory, four
     whole-set copies of a 112 x 112 map (ResNet-18, 224 px, 256 images: 1.9 s of a 3.5 s pass)."""
-    spans = [unit_span(u, graph.node_index, graph.consumer_node) for u in units]
-    cuts = cut_points(graph.traced, spans)
+    spans, cuts = _spans_and_cuts(graph, units)
     if merge_idle and cuts:
         merged = [cuts[0]]
         for c in cuts[1:]:

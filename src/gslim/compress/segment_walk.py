@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from gslim.compress.calibrate import SegmentTail, split_segment
+from gslim.compress.fast_passes import channels_selected
 from gslim.compress.units import Unit, UnitGraph
 
 # Cached activations at a consumer may take at most this many bytes (else the segment is rerun whole).
@@ -40,7 +41,7 @@ class _Step:
         for i, dim in self.consumer_inputs:
             v = out[i]
             if v.shape[dim] == width and keep.numel() < width:  # captured before the surgery: slice it
-                out[i] = v.index_select(dim, keep.to(v.device))
+                out[i] = channels_selected(v, dim, keep)
         return tuple(out)
 
 
@@ -270,7 +271,7 @@ def _channels_sliced(values: tuple, width: int, keep: torch.Tensor) -> tuple:
     scales); another value as wide by coincidence is cut wrongly, and the check that follows
     sends the pass back to the chain's start (time, not accuracy)."""
     return tuple(
-        v.index_select(1, keep.to(v.device))
+        channels_selected(v, 1, keep)
         if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == width and keep.numel() < width
         else v
         for v in values

@@ -40,7 +40,8 @@ from gslim.compress.calibrate import (
     recalibrate_bn,
     split_batches,
 )
-from gslim.compress.greedy import run_greedy
+from gslim.compress.fast_passes import foldable_pairs, folded_batchnorm, statistics_layout
+from gslim.compress.greedy import run_greedy, walk_cut_layers
 from gslim.compress.greedy_loss import run_greedy_loss
 from gslim.compress.planning import TargetStore, planning_curves
 from gslim.compress.ranking import bn_scores, l1_scores, random_scores, ranking, uniform_scores
@@ -146,11 +147,15 @@ def compress_model(
     shard = shard or Shard()
     if shard.enabled and criterion.name == "greedy-loss":
         raise GslimError("greedy-loss does not run across torchrun ranks; run it in one process")
-    batches = shard.mine(split_batches(calib_x, batch_size))
     graph = find_units(work, input_size, include_residual=cfg.prune_residual)
     units = graph.units
     if not units:
         raise GslimError("found no prunable channel groups in this model")
+    fast = criterion.plans_from_curves  # (greedy: the passes' network time, fast_passes)
+    batches = shard.mine(split_batches(statistics_layout(calib_x) if fast else calib_x, batch_size))
+    # (not across a cut of the walk: a conv's folded output would reach its BatchNorm as a copy)
+    cut_after = walk_cut_layers(graph) if fast else set()
+    folds = [p for p in foldable_pairs(graph.traced) if p[0] not in cut_after] if fast else []
     full = {u.name: u.width for u in units}
 
     widths: Optional[dict[str, int]] = None
@@ -163,7 +168,8 @@ def compress_model(
         if criterion.plans_from_curves:
             if curves is None:  # one pass: the curves, and the targets the selection fits to
                 targets = TargetStore()
-                curves = planning_curves(original, graph, units, batches, cfg, gen, shard, targets)
+                with folded_batchnorm((original, work), folds):
+                    curves = planning_curves(original, graph, units, batches, cfg, gen, shard, targets)
             if allocation == "knapsack":
                 weight = cfg.latency.macs_weight if budget.metric == "latency" else 0.0
                 widths = budget_mod.knapsack_widths(
@@ -195,7 +201,8 @@ def compress_model(
     run = SelectionRun(
         original, work, graph, units, batches, calib_y, cfg, widths, gen, progress, shard, targets
     )
-    reports = criterion.select(run)
+    with folded_batchnorm((original, work), folds):
+        reports = criterion.select(run)
     del run, targets  # (the kept targets can be large)
 
     if cfg.bn_recalib:
