@@ -151,11 +151,13 @@ def compress_model(
     units = graph.units
     if not units:
         raise GslimError("found no prunable channel groups in this model")
-    fast = criterion.plans_from_curves  # (greedy: the passes' network time, fast_passes)
-    batches = shard.mine(split_batches(statistics_layout(calib_x) if fast else calib_x, batch_size))
-    # (not across a cut of the walk: a conv's folded output would reach its BatchNorm as a copy)
-    cut_after = walk_cut_layers(graph) if fast else set()
-    folds = [p for p in foldable_pairs(graph.traced) if p[0] not in cut_after] if fast else []
+    folds: list[tuple[str, str]] = []
+    if criterion.plans_from_curves:  # (greedy: the passes' network time, fast_passes)
+        calib_x = statistics_layout(calib_x)
+        # (not across a cut of the walk: a conv's folded output would reach its BatchNorm as a copy)
+        cut_after = walk_cut_layers(graph)
+        folds = [p for p in foldable_pairs(graph.traced) if p[0] not in cut_after]
+    batches = shard.mine(split_batches(calib_x, batch_size))
     full = {u.name: u.width for u in units}
 
     widths: Optional[dict[str, int]] = None
