@@ -144,3 +144,22 @@ def test_a_folded_output_that_reaches_its_batchnorm_as_another_tensor_is_an_erro
         with pytest.raises(RuntimeError, match="did not return"):
             bn(first)
         assert bn(conv(x)) is not None and second is not None
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_the_fold_leaves_out_exactly_the_convs_whose_output_ends_a_walk_segment(arch):
+    """A pair is left unfolded only where the walk really ends a segment after its conv (its
+    merged cuts, as it runs), not at every place it could: ResNet's stem conv, whose stretch the
+    walk merges into the first block, folds with its BatchNorm."""
+    from gslim.compress.greedy import segments_for, walk_cut_layers
+    from gslim.compress.units import find_units
+
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    graph = find_units(model, 64, include_residual=False)
+    segments = segments_for(graph, [u for u in graph.units if u.kind == "internal"], model, merge_idle=True)
+    nodes = list(graph.traced.graph.nodes)
+    ends = {str(nodes[s.start].target) for s in segments if nodes[s.start].op == "call_module"}
+    # (the model's output layer may be a cut too: nothing runs after it)
+    assert ends <= walk_cut_layers(graph) <= ends | {str(nodes[segments[-1].end].target)}
+    if arch == "resnet18":
+        assert ("conv1", "bn1") in foldable_pairs(graph.traced) and "conv1" not in ends

@@ -117,3 +117,67 @@ def _unit(name: str, concat: list[str], width: int = 0):
     from gslim.compress.units import Unit
 
     return Unit(name=name, kind="internal", width=width, concat_before={c: [] for c in concat})
+
+
+def test_a_consumer_with_few_sampled_rows_takes_its_targets_from_them_and_its_batchnorm_folds(monkeypatch):
+    """Where a plain conv consumer's rows are sparsely sampled, the planning pass computes its
+    targets from its input rows (Y = X W) and no hook reads its output: its BatchNorm folds into
+    it for the pass. The targets kept for the walk and the curves are those read from the output,
+    to float rounding."""
+    from gslim.compress.fast_passes import foldable_pairs, folded_batchnorm
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    for m in model.modules():  # (non-trivial BatchNorms: a fold that went wrong shows)
+        if isinstance(m, nn.BatchNorm2d):
+            (
+                m.running_mean.uniform_(-0.5, 0.5),
+                m.running_var.uniform_(0.5, 2.0),
+                m.weight.data.uniform_(0.5, 1.5),
+            )
+    size = 64
+    graph = find_units(model, size, include_residual=False)
+    cfg = CompressConfig(criterion="greedy", target_macs=0.5, omp_precision="float64", max_positions=1000)
+    batches = list(torch.randn(32, 3, size, size).split(16))
+    pairs = dict(foldable_pairs(graph.traced))
+    bn_calls: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+    real_bn = nn.BatchNorm2d.forward
+
+    def counted(self, x):
+        bn_calls[names[self]] = bn_calls.get(names[self], 0) + 1
+        return real_bn(self, x)
+
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", counted)
+    decided: dict[str, bool] = {}
+    real_rule = planning.targets_from_rows
+
+    def spy(m, u, c, *args):
+        decided[c] = real_rule(m, u, c, *args)
+        return decided[c]
+
+    def plan(rule):
+        monkeypatch.setattr(planning, "targets_from_rows", rule)
+        bn_calls.clear()
+        store = planning.TargetStore()
+        with folded_batchnorm([model], list(pairs.items())):
+            curves = planning.planning_curves(
+                model, graph, graph.units, batches, cfg, torch.Generator().manual_seed(0), store=store
+            )
+        return curves, store, dict(bn_calls)
+
+    rows_curves, rows_store, rows_bn = plan(spy)
+    from_rows = [c for c, chosen in decided.items() if chosen]
+    assert from_rows and not all(decided.values())  # (the rule chose: some of each)
+    for c in from_rows:
+        assert c in pairs and rows_bn.get(pairs[c], 0) == 0, c  # folded: the BatchNorm never ran
+    out_curves, out_store, out_bn = plan(lambda *a: False)
+    assert all(out_bn.get(pairs[c], 0) == len(batches) for c in from_rows)  # (read from the output: run)
+    assert rows_store.rows.keys() == out_store.rows.keys()
+    for key, kept in out_store.rows.items():
+        for (s_out, y_out), (s_rows, y_rows) in zip(kept, rows_store.rows[key]):
+            assert torch.equal(s_out.pick, s_rows.pick), key
+            assert _close(y_rows, y_out, 1e-4), key
+    for name in out_curves:
+        a, b = torch.tensor(out_curves[name]), torch.tensor(rows_curves[name])
+        assert float((a - b).abs().max()) <= 1e-3 * max(float(a.abs().max()), 1e-12), name

@@ -133,39 +133,39 @@ def _geometry_key(mod: nn.Conv2d) -> tuple:
     return tuple(mod.kernel_size), tuple(mod.dilation), explicit_padding(mod)
 
 
-def _product(x: torch.Tensor, r: tuple[int, int], c: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    """sum over images and positions q in rows r x cols c of x(q) x(q + shift)^T (C x C)."""
-    if r[0] >= r[1] or c[0] >= c[1]:
-        return torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    si, sj = shift
-    a = x[:, :, r[0] : r[1], c[0] : c[1]]
-    b = x[:, :, r[0] + si : r[1] + si, c[0] + sj : c[1] + sj]
-    C = x.shape[1]
-    return a.transpose(0, 1).reshape(C, -1) @ b.transpose(0, 1).reshape(C, -1).T
-
-
 class _ShiftedLayout:
-    """The input as one (C, H * Wp * N) matrix, channel-major, images innermost, each row of the map
-    followed by ``pad`` zero columns (Wp = W + pad). A shift (si, sj) of the map is then a shift
-    by (si * Wp + sj) * N of the flat index: a position whose shifted column leaves the map lands
-    in zeros (pad >= |sj|), one whose shifted row leaves it falls off the end, and images never
-    mix. So a difference's bulk product is one matrix product of two strided views of this
-    matrix, with no copy of the shifted windows (``_product`` gathers both into contiguous
-    matrices, which cost as much as the product itself on 28 x 28 and larger maps)."""
+    """The input zero-padded on the right of each map row (``pad`` columns, Wp = W + pad) and laid
+    out (H, Wp, N, C): as a matrix, one row per position (images innermost), channels contiguous.
+    A shift (si, sj) of the map is then a shift by (si * Wp + sj) * N rows: a position whose
+    shifted column leaves the map lands in zeros (pad >= |sj|), one whose shifted row leaves it
+    falls off the end, and images never mix. So a difference's bulk product is one matrix product
+    of two row ranges of this matrix, and a window's product (a trimmed line, a block taken
+    directly) one of two views of the padded map. Built from a channels-last input (as the
+    statistics passes run) it is a copy of C-long runs, not a transpose: 12.6 -> 0.7 ms for 64
+    images of 256 channels at 14 x 14, two threads, the products the same."""
 
     def __init__(self, x: torch.Tensor, pad: int):
         N, C, H, W = x.shape
-        self.N, self.Wp = N, W + pad
-        padded = x.new_zeros(C, H, self.Wp, N)
-        padded[:, :, :W, :] = x.permute(1, 2, 3, 0)
-        self.flat = padded.view(C, -1)
+        self.N, self.C, self.Wp = N, C, W + pad
+        self.padded = x.new_zeros(H, self.Wp, N, C)
+        self.padded[:, :W] = x.permute(2, 3, 0, 1)
+        self.flat = self.padded.view(-1, C)
 
     def bulk(self, shift: tuple[int, int]) -> torch.Tensor:
         """sum over images and positions q with q and q + shift inside the map of x(q) x(q + shift)^T."""
         si, sj = shift
-        n, off = self.flat.shape[1], (si * self.Wp + sj) * self.N
+        n, off = self.flat.shape[0], (si * self.Wp + sj) * self.N
         lo, hi = max(0, -off), min(n, n - off)
-        return self.flat[:, lo:hi] @ self.flat[:, lo + off : hi + off].T
+        return self.flat[lo:hi].T @ self.flat[lo + off : hi + off]
+
+    def window(self, r: tuple[int, int], c: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+        """sum over images and positions q in rows r x cols c of x(q) x(q + shift)^T (C x C)."""
+        if r[0] >= r[1] or c[0] >= c[1]:
+            return self.padded.new_zeros(self.C, self.C)
+        si, sj = shift
+        a = self.padded[r[0] : r[1], c[0] : c[1]].reshape(-1, self.C)
+        b = self.padded[r[0] + si : r[1] + si, c[0] + sj : c[1] + sj].reshape(-1, self.C)
+        return a.T @ b
 
 
 def dense_gram(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -208,13 +208,15 @@ def add_dense_gram(mod: nn.Conv2d, x: torch.Tensor, total: torch.Tensor) -> None
         def line(kind: str, k: int) -> torch.Tensor:
             if (kind, k) not in lines:
                 lines[kind, k] = (
-                    _product(x, (k, k + 1), K, shift) if kind == "row" else _product(x, R, (k, k + 1), shift)
+                    shifted.window((k, k + 1), K, shift)
+                    if kind == "row"
+                    else shifted.window(R, (k, k + 1), shift)
                 )
             return lines[kind, k]
 
         for blk in diff.blocks:
             if blk.direct:
-                block = _product(x, *blk.window, shift)
+                block = shifted.window(*blk.window, shift)
             elif blk.trimmed_rows or blk.trimmed_cols:  # (the bulk less the window's trimmed lines)
                 trims = [line("row", k) for k in blk.trimmed_rows] + [
                     line("col", k) for k in blk.trimmed_cols
@@ -224,7 +226,7 @@ def add_dense_gram(mod: nn.Conv2d, x: torch.Tensor, total: torch.Tensor) -> None
                     block -= t
                 for kr in blk.trimmed_rows:  # the corners were subtracted twice
                     for kc in blk.trimmed_cols:
-                        block += _product(x, (kr, kr + 1), (kc, kc + 1), shift)
+                        block += shifted.window((kr, kr + 1), (kc, kc + 1), shift)
             else:
                 block = full
             # (the plan's differences lie in one half-plane: b >= a; a diagonal block is made

@@ -7,9 +7,9 @@ rewrites make them cheaper without changing what is computed beyond float roundi
 
 - an eval-mode BatchNorm that reads a conv's output and nothing else is folded into that conv's
   weights at each call, from the layers' current parameters (so the walk's surgery and re-fits
-  are seen). A conv with a hook on its output (a consumer in the original network: its own
-  output is a regression target), a BatchNorm with hooks, or either in training mode runs as
-  written;
+  are seen). A conv with a hook on its output (a consumer in the planning pass whose targets
+  are read from its output, ``planning.targets_from_rows``), a BatchNorm with hooks, or either in
+  training mode runs as written;
 - on a CPU the calibration images are laid out channels-last: oneDNN's convolutions (depthwise
   and 1x1 above all) run faster on it, and the layout follows the input through the network;
   a folded BatchNorm is then no separate pass over a channels-last map, which was slower than

@@ -46,16 +46,24 @@ MIN_ROWS_PER_UNKNOWN = 2.0
 
 
 def walk_cut_layers(graph: UnitGraph) -> set[str]:
-    """The layers after which the walk may end a segment (a superset of :func:`segments_for`'s
-    cuts): a value there is carried to the next segment in a list, batch by batch."""
-    _, cuts = _spans_and_cuts(graph, [u for u in graph.units if u.kind == "internal"])
+    """The layers after which the walk ends a segment (:func:`segments_for` with ``merge_idle``,
+    over the internal units, as :func:`run_greedy` cuts): a value there is carried to the next
+    segment in a list, batch by batch."""
+    cuts = _walk_cuts(graph, [u for u in graph.units if u.kind == "internal"], merge_idle=True)
     nodes = list(graph.traced.graph.nodes)
     return {str(nodes[i].target) for i in cuts if nodes[i].op == "call_module"}
 
 
-def _spans_and_cuts(graph: UnitGraph, units: list[Unit]) -> tuple[list[tuple[int, int]], list[int]]:
+def _walk_cuts(graph: UnitGraph, units: list[Unit], merge_idle: bool) -> list[int]:
     spans = [unit_span(u, graph.node_index, graph.consumer_node) for u in units]
-    return spans, cut_points(graph.traced, spans)
+    cuts = cut_points(graph.traced, spans)
+    if merge_idle and cuts:
+        merged = [cuts[0]]
+        for c in cuts[1:]:
+            if any(merged[-1] < end <= c for _, end in spans):  # the segment up to c holds a consumer
+                merged.append(c)
+        cuts = merged
+    return cuts
 
 
 def segments_for(
@@ -66,14 +74,7 @@ def segments_for(
     every image's activations at each cut, and a cut between the stem's layers (a ResNet's conv,
     BatchNorm, ReLU and max-pool are each one) made it keep, and fault into fresh memory, four
     whole-set copies of a 112 x 112 map (ResNet-18, 224 px, 256 images: 1.9 s of a 3.5 s pass)."""
-    spans, cuts = _spans_and_cuts(graph, units)
-    if merge_idle and cuts:
-        merged = [cuts[0]]
-        for c in cuts[1:]:
-            if any(merged[-1] < end <= c for _, end in spans):  # the segment up to c holds a consumer
-                merged.append(c)
-        cuts = merged
-    return build_segments(graph.traced, cuts, root)
+    return build_segments(graph.traced, _walk_cuts(graph, units, merge_idle), root)
 
 
 class _Selection:

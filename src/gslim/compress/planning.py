@@ -5,6 +5,7 @@ the pruned network that follows never runs the original network again."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -19,10 +20,12 @@ from gslim.compress.calibrate import (
     kernel_group,
     regression_weights,
     row_count,
+    row_fraction,
     sampling,
     target_rows,
     unit_columns,
 )
+from gslim.compress.dense_stats import explicit_padding, supports_dense
 from gslim.compress.omp import coarsen, greedy_select, path_dtype, per_channel_curve, prediction_error_curve
 from gslim.compress.selection import PLANNING_FLOOR
 from gslim.compress.shard import SINGLE, Shard
@@ -41,6 +44,13 @@ TARGET_STORE_BYTES = 2 << 30
 # kernels), curves within 0.5% (relative) of the exact path; 1/8 saved a little more and moved
 # one trained ResNet-18's 50% allocation enough to cost 0.24 points one-shot (1/16: none).
 PLANNING_BLOCK_SHARE = 1 / 16
+
+#: A consumer's planning targets come from its sampled input rows where that product costs at
+#: most this many multiply-adds per element of its output map (:func:`targets_from_rows`).
+#: Two threads, ResNet-50's layer1 1x1 consumer (64 -> 256 channels, 56 x 56, batch 64): its
+#: BatchNorm pass ~16 ms, i.e. ~0.3 ns an element, against ~0.008 ns a multiply-add of the rows'
+#: product, so 16 keeps the product under half of the pass it saves.
+ROWS_TARGET_MACS_PER_ELEMENT = 16
 
 
 def max_rows(cfg: CompressConfig, mod: nn.Module, channels: int) -> int:
@@ -106,56 +116,85 @@ def planning_curves(
         key: tuple[str, str],
         m: nn.Module,
         x: torch.Tensor,
-        out: torch.Tensor,
+        out_shape: torch.Size,
         width: int,
         dense_ok: bool,
         cross: Callable[[], Optional[torch.Tensor]] = lambda: None,
     ) -> StatsAccumulator:
         if key not in accs:  # the held-out share is drawn as the selection will use it
-            frac, dense = sampling(m, x.shape, out.shape, n_images, max_rows(cfg, m, width), dense_ok)
+            frac, dense = sampling(m, x.shape, out_shape, n_images, max_rows(cfg, m, width), dense_ok)
             accs[key] = StatsAccumulator(frac, gen, shard=shard, dense=dense, cross_weights=cross())
         return accs[key]
 
+    def from_output(m: nn.Module, out: torch.Tensor, c: str, u: Unit) -> None:
+        key = (u.name, c)
+        x = captured.pop(key)
+        # (a unit read inside a concatenation fits its own columns: sampled rows)
+        weights = lambda: own_weights(m, u, c, original)  # noqa: E731 - (on the first batch only)
+        acc = sampler(key, m, x, out.shape, u.width, c not in u.concat_before, weights)
+        # taken inside the hook: an in-place op after the consumer cannot reach it
+        sample = acc.draw(row_count(m, out), out.shape[0])
+        Y = batch_targets(m, out, sample)
+        if store is not None:
+            store.add(key, sample, Y)
+        if sample.pick is None:
+            acc.add_dense(m, x, Y, None)  # the curve fits on every row
+            return
+        X = consumer_rows(m, x, sample.pick)
+        X, Yu = unit_columns(m, u, c, original, X, Y, u.width)
+        acc.add(X, Yu, None)  # the curve fits on every sampled row
+
+    def from_rows(m: nn.Module, x: torch.Tensor, c: str, u: Unit) -> None:
+        key, out_shape = (u.name, c), conv_output_shape(m, x.shape)
+        acc = sampler(key, m, x, out_shape, u.width, False, lambda: own_weights(m, u, c, original))
+        sample = acc.draw(math.prod(out_shape) // out_shape[1], out_shape[0])
+        X = consumer_rows(m, x, sample.pick)
+        Y = X @ m.weight.detach().reshape(m.weight.shape[0], -1).T.to(X.dtype)  # (a new tensor)
+        if store is not None:
+            store.add(key, sample, Y)
+        acc.add(X, Y, None)
+
+    rows_route: dict[tuple[str, str], bool] = {}  # decided at the first batch
     with Hooks() as hooks:
         for u in units:
             for c in u.consumers:
-                mod = mods[c]
 
                 def pre(m, args, c=c, u=u):  # (a layer on a concatenation reads several units)
-                    captured[u.name, c] = args[0]
-
-                def post(m, args, out, c=c, u=u):
                     key = (u.name, c)
-                    x = captured.pop(key)
-                    # (a unit read inside a concatenation fits its own columns: sampled rows)
-                    weights = lambda: own_weights(m, u, c, original)  # noqa: E731 - (on the first batch only)
-                    acc = sampler(key, m, x, out, u.width, c not in u.concat_before, weights)
-                    # taken inside the hook: an in-place op after the consumer cannot reach it
-                    sample = acc.draw(row_count(m, out), out.shape[0])
-                    Y = batch_targets(m, out, sample)
-                    if store is not None:
-                        store.add(key, sample, Y)
-                    if sample.pick is None:
-                        acc.add_dense(m, x, Y, None)  # the curve fits on every row
-                        return
-                    X = consumer_rows(m, x, sample.pick)
-                    X, Yu = unit_columns(m, u, c, original, X, Y, u.width)
-                    acc.add(X, Yu, None)  # the curve fits on every sampled row
+                    if key not in rows_route:
+                        rows_route[key] = targets_from_rows(m, u, c, args[0].shape, n_images, cfg)
+                        if not rows_route[key]:  # (this call sees it: hooks run after the forward)
+                            hooks.post(m, lambda m, args, out, c=c, u=u: from_output(m, out, c, u))
+                    if rows_route[key]:
+                        from_rows(m, args[0], c, u)
+                    else:
+                        captured[key] = args[0]
 
-                hooks.pre(mod, pre)
-                hooks.post(mod, post)
+                hooks.pre(mods[c], pre)
             if store is None:
                 continue
             for c in pointwise_readers(u, mods):
 
                 def keep(m, args, out, c=c, u=u):
-                    sample = sampler((u.name, c), m, args[0], out, u.width, False).draw(row_count(m, out))
+                    sample = sampler((u.name, c), m, args[0], out.shape, u.width, False).draw(
+                        row_count(m, out)
+                    )
                     store.add((u.name, c), sample, target_rows(m, out, sample.pick))
 
                 hooks.post(mods[c], keep)
         with torch.no_grad():
             for x in batches:
                 original(x)
+    return _curves(units, accs, mods, cfg)
+
+
+def _curves(
+    units: list[Unit],
+    accs: dict[tuple[str, str], StatsAccumulator],
+    mods: dict[str, nn.Module],
+    cfg: CompressConfig,
+) -> dict[str, list[float]]:
+    """Each unit's error-vs-width curve from its consumers' summed statistics."""
     curves = {}
     for u in units:
         # (popped: a unit's sums are let go once its curve exists, not held to the last unit's)
@@ -171,6 +210,32 @@ def planning_curves(
         curve = prediction_error_curve(path, min(st.rows for st in stats), stats[0].group)
         curves[u.name] = per_channel_curve(curve, u.atom)
     return curves
+
+
+def targets_from_rows(
+    m: nn.Module, u: Unit, c: str, x_shape: torch.Size, n_images: int, cfg: CompressConfig
+) -> bool:
+    """Whether consumer ``c``'s planning targets are computed from its sampled input rows (Y = X W:
+    its own output less its bias, to float rounding) instead of read from its output. No hook
+    then reads the output, so the consumer's BatchNorm folds into it for the pass
+    (:mod:`gslim.compress.fast_passes`), which skips an elementwise pass over the map. Taken
+    where the rows' product costs at most :data:`ROWS_TARGET_MACS_PER_ELEMENT` multiply-adds per
+    element of the output map: a plain conv (groups 1) that reads the unit alone and never takes
+    dense statistics (1 x 1, strided), on a map so large that few of its rows are sampled.
+    Decided from one image's shapes and the whole set's size: the same on every rank."""
+    if type(m) is not nn.Conv2d or m.groups != 1 or supports_dense(m) or c in u.concat_before:
+        return False
+    fraction = row_fraction(m, conv_output_shape(m, x_shape), n_images, max_rows(cfg, m, u.width))
+    return fraction * m.weight[0].numel() <= ROWS_TARGET_MACS_PER_ELEMENT
+
+
+def conv_output_shape(m: nn.Conv2d, x_shape: torch.Size) -> torch.Size:
+    """The shape of ``m``'s output on an input of ``x_shape`` (any padding mode or spec)."""
+    left, right, top, bottom = explicit_padding(m)
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ho = (x_shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    wo = (x_shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+    return torch.Size((x_shape[0], m.out_channels, ho, wo))
 
 
 def own_weights(m: nn.Module, u: Unit, c: str, model: nn.Module) -> Optional[torch.Tensor]:
