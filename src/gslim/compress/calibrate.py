@@ -150,7 +150,7 @@ def consumer_rows(mod: nn.Module, x: torch.Tensor, pick: Optional[torch.Tensor] 
     src, x = x, _padded(mod, x)
     sh, sw = mod.stride
     dh, dw = mod.dilation
-    ho, wo = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = conv_output_shape(mod, src.shape)[2:]
     if pick is not None and pick.shape[0] < x.shape[0] * ho * wo:  # (indices are distinct: all rows else)
         pick = pick.to(x.device)
         n, pos = pick // (ho * wo), pick % (ho * wo)
@@ -165,6 +165,15 @@ def consumer_rows(mod: nn.Module, x: torch.Tensor, pick: Optional[torch.Tensor] 
         cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return _own(rows if pick is None else rows[pick.to(rows.device)], src)
+
+
+def conv_output_shape(m: nn.Conv2d, x_shape: torch.Size) -> torch.Size:
+    """The shape of ``m``'s output on an input of ``x_shape`` (any padding mode or spec)."""
+    left, right, top, bottom = explicit_padding(m)
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ho = (x_shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    wo = (x_shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+    return torch.Size((x_shape[0], m.out_channels, ho, wo))
 
 
 def unit_columns(

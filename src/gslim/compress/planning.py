@@ -17,6 +17,7 @@ from gslim.compress.calibrate import (
     StatsAccumulator,
     batch_targets,
     consumer_rows,
+    conv_output_shape,
     kernel_group,
     regression_weights,
     row_count,
@@ -25,7 +26,7 @@ from gslim.compress.calibrate import (
     target_rows,
     unit_columns,
 )
-from gslim.compress.dense_stats import explicit_padding, supports_dense
+from gslim.compress.dense_stats import supports_dense
 from gslim.compress.omp import coarsen, greedy_select, path_dtype, per_channel_curve, prediction_error_curve
 from gslim.compress.selection import PLANNING_FLOOR
 from gslim.compress.shard import SINGLE, Shard
@@ -227,15 +228,6 @@ def targets_from_rows(
         return False
     fraction = row_fraction(m, conv_output_shape(m, x_shape), n_images, max_rows(cfg, m, u.width))
     return fraction * m.weight[0].numel() <= ROWS_TARGET_MACS_PER_ELEMENT
-
-
-def conv_output_shape(m: nn.Conv2d, x_shape: torch.Size) -> torch.Size:
-    """The shape of ``m``'s output on an input of ``x_shape`` (any padding mode or spec)."""
-    left, right, top, bottom = explicit_padding(m)
-    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    ho = (x_shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    wo = (x_shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
-    return torch.Size((x_shape[0], m.out_channels, ho, wo))
 
 
 def own_weights(m: nn.Module, u: Unit, c: str, model: nn.Module) -> Optional[torch.Tensor]:
