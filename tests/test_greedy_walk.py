@@ -213,3 +213,25 @@ def test_the_walk_lets_go_of_a_segments_input_batch_by_batch_as_it_computes_the_
     # the walk's first pass over the block sees its four input batches, the segment's end then
     # runs once per batch: before batch i's end, batches 0..i-1 of the input are gone
     assert len(seen) == 4 and alive_at_end == [4, 3, 2, 1], alive_at_end
+
+
+def test_an_se_units_second_pass_resumes_where_another_value_alive_at_the_squeeze_is_as_wide(
+    monkeypatch, capfd
+):
+    # RegNetY: a block's inner width (the SE unit) equals its input's, which is alive at the
+    # squeeze for the shortcut. Only the unit's own values are cut there (by the graph, not by
+    # their width): cutting the shortcut too failed the resumed pass (FX printed its traceback),
+    # and the second pass ran from the segment's input again.
+    model = _model("regnet_y_400mf")
+    producer = getattr(model.trunk_output.block2, "block2-1").f.a[0]  # the SE unit's producer
+    images = []
+    producer.register_forward_hook(
+        lambda m, a, o: images.append(a[0].shape[0])
+    )  # (copied to the pruned model)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    fast, fast_orders = _compress(model, x)
+    assert "FX-traced" not in capfd.readouterr().err
+    assert images.count(16) == 2 * len(x) // 16, images  # the planning pass and the walk's first pass
+    monkeypatch.setattr(segment_walk.SegmentWalk, "unit_sliced", lambda *a: None)  # no resume there
+    slow, slow_orders = _compress(_model("regnet_y_400mf"), x)
+    assert fast_orders == slow_orders and fast.widths == slow.widths

@@ -69,7 +69,9 @@ def build_segments(gm: fx.GraphModule, cuts: list[int], root: Optional[nn.Module
         if b <= a:
             continue
         g = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {nodes[a]: g.placeholder("x")}
+        # (placeholders keep their node's name, as split_segment's do: which unit's channels a
+        # value carries is known by name, Unit.values)
+        env: dict[fx.Node, fx.Node] = {nodes[a]: g.placeholder(nodes[a].name)}
         for n in nodes[a + 1 : b + 1]:
             env[n] = g.node_copy(n, lambda m: env[m])
         g.output(env[nodes[b]])
@@ -85,7 +87,7 @@ class SegmentTail:
 
     head: fx.GraphModule
     tail: fx.GraphModule
-    live: list[str]  # names of the head's nodes that the tail reads, in its placeholder order
+    live: list[str]  # names of the head's nodes that the tail reads: its placeholders, in order
 
 
 def split_segment(seg: fx.GraphModule, at: str) -> Optional[SegmentTail]:
@@ -103,7 +105,7 @@ def split_segment(seg: fx.GraphModule, at: str) -> Optional[SegmentTail]:
         env[n] = head.node_copy(n, lambda m: env[m])
     head.output(tuple(env[n] for n in live))
     tail = fx.Graph()
-    tenv: dict[fx.Node, fx.Node] = {n: tail.placeholder(f"live_{i}") for i, n in enumerate(live)}
+    tenv: dict[fx.Node, fx.Node] = {n: tail.placeholder(n.name) for n in live}
     for n in nodes[:cut]:
         if n.op == "get_attr" and any(u in later for u in n.users):
             tenv[n] = tail.node_copy(n, lambda m: tenv[m])

@@ -3,6 +3,8 @@ activations the next segment reads."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -157,10 +159,12 @@ class SegmentWalk:
         if live is None:
             return
         kept = torch.as_tensor(keep, dtype=torch.long)
-        values = [_channels_sliced(v, width, kept) for v in live]
+        own = [name in u.values for name in gate.cut.live]
+        values = [_channels_sliced(v, own, width, kept) for v in live]
         try:
-            out = gate.cut.tail(*self._few(values[0]))
-        except RuntimeError:  # a value the slicing rule missed (or cut): shapes that do not match
+            with contextlib.redirect_stderr(io.StringIO()):  # (FX prints a failing call's code)
+                out = gate.cut.tail(*self._few(values[0]))
+        except RuntimeError:  # a value the graph's channel spaces missed: shapes that do not match
             return
         if self._agrees(out, warn=False):
             gate.resumed = values
@@ -255,26 +259,30 @@ class SegmentWalk:
     def _consumer_inputs(self, u: Unit, split: SegmentTail) -> list[tuple[int, int]]:
         """The values kept at ``split`` that ``u``'s consumers read, with their channel dimension."""
         consumer_args = {  # a Linear reads its channels last: (N, C) or a channels-last map
-            n.args[0].name: -1 if isinstance(self.wseg.get_submodule(n.target), nn.Linear) else 1
+            n.args[0]: -1 if isinstance(self.wseg.get_submodule(n.target), nn.Linear) else 1
             for n in split.tail.graph.nodes
             if n.op == "call_module" and n.target in u.consumers and isinstance(n.args[0], fx.Node)
         }
-        # (the tail's placeholders are named live_<i> in the order of split.live)
-        return [
-            (i, consumer_args[f"live_{i}"]) for i in range(len(split.live)) if f"live_{i}" in consumer_args
-        ]
+        # (the tail's placeholders are the values of split.live, in order)
+        placeholders = [n for n in split.tail.graph.nodes if n.op == "placeholder"]
+        return [(i, consumer_args[p]) for i, p in enumerate(placeholders) if p in consumer_args]
 
 
-def _channels_sliced(values: tuple, width: int, keep: torch.Tensor) -> tuple:
-    """Every tensor of ``values`` whose channel dimension (1) is ``width`` wide, cut to ``keep``.
-    At an SE unit's squeeze those are its own channels (the pooled vector, the map the gate
-    scales); another value as wide by coincidence is cut wrongly, and the check that follows
-    sends the pass back to the chain's start (time, not accuracy)."""
+def _channels_sliced(values: tuple, own: list[bool], width: int, keep: torch.Tensor) -> tuple:
+    """The tensors of ``values`` that carry the unit's channels (``own``, from the graph: at an
+    SE unit's squeeze the pooled vector and the map the gate scales, not a shortcut's input that
+    may be as wide) cut to ``keep`` along their channel dimension (1). The width is checked too:
+    a value the graph places wrongly fails the check that follows, which sends the pass back to
+    the chain's start (time, not accuracy)."""
     return tuple(
         channels_selected(v, 1, keep)
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == width and keep.numel() < width
+        if mine
+        and isinstance(v, torch.Tensor)
+        and v.dim() >= 2
+        and v.shape[1] == width
+        and keep.numel() < width
         else v
-        for v in values
+        for v, mine in zip(values, own)
     )
 
 

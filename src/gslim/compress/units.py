@@ -73,6 +73,8 @@ class Unit:
     # unit's producer (its current output width counts) or a fixed width. The unit's columns
     # start where those end.
     concat_before: dict[str, list] = field(default_factory=dict)
+    # the traced graph's values whose channels are this unit's (the ones its surgery narrows)
+    values: frozenset = frozenset()
 
     @property
     def readers(self) -> list[str]:
@@ -125,6 +127,9 @@ def _collect_units(walk: ChannelWalk, include_residual: bool) -> UnitGraph:
         for r in {r for r in roots if roots.count(r) > 1}:
             sp.info[r]["blocked"].append(f"{layer} reads it twice through one concatenation")
     by_root: dict[int, Unit] = {}
+    values_of: dict[int, set[str]] = {}
+    for name, space in walk.space_of.items():
+        values_of.setdefault(sp.find(space), set()).add(name)
     for r in sorted({sp.find(s) for s in walk.space_of.values()}):  # (concatenated inputs are among them)
         info = sp.info[r]
         producers = _dedupe(info["producers"])
@@ -161,6 +166,7 @@ def _collect_units(walk: ChannelWalk, include_residual: bool) -> UnitGraph:
             inner_readers=inner,
             order=min(walk.node_index[walk.call_node[cn]] for cn in consumers),
             atom=math.lcm(1, *info["atoms"]),
+            values=frozenset(values_of.get(r, ())),
         )
     for layer, segs in walk.views:
         roots = [sp.find(s) for s in segs]
