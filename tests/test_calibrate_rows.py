@@ -91,3 +91,40 @@ def test_gram_sums_equal_the_whole_product_however_they_are_blocked(width):
     assert torch.equal(st.G, st.G.T)
     assert torch.allclose(st.G, X.T @ X, rtol=1e-5, atol=1e-3) and torch.allclose(st.B, X.T @ Y, atol=1e-3)
     assert st.rows == 81 and abs(st.yy - float(Y.pow(2).sum())) < 1e-6
+
+
+def test_held_out_rows_kept_as_rows_measure_the_error_their_sums_did():
+    """The walk keeps a sampled consumer's held-out rows as they are (their error: one product)
+    instead of summing an F x F Gram of them: the same error of any weights (closer to the exact
+    one, where the sums' yy - 2 <W, B> + <W, G W> cancels), and no held-out Gram."""
+    from gslim.compress.calibrate import StatsAccumulator
+    from gslim.compress.omp import subset_error
+    from gslim.compress.sums import HeldRows, held_error
+
+    torch.manual_seed(0)
+    g, C, outs = 9, 7, 5  # a 3 x 3 consumer's columns: channel-major, 9 per channel
+    W_true = torch.randn(g * C, outs)
+    sums, rows = (
+        StatsAccumulator(0.5, torch.Generator().manual_seed(3), held_as_data=m) for m in (False, True)
+    )
+    held_x, held_y = [], []
+    for _ in range(4):
+        sample = sums.draw(40, 1)
+        assert torch.equal(rows.draw(40, 1).pick, sample.pick)
+        X = torch.randn(sample.pick.numel(), g * C)
+        Y = X @ W_true + 0.1 * torch.randn(X.shape[0], outs)
+        sums.add(X, Y, sample.held)
+        rows.add(X, Y, sample.held)
+        held_x.append(X[sample.held].double())
+        held_y.append(Y[sample.held].double())
+    a, b = sums.result(g), rows.result(g)
+    assert isinstance(b.held, HeldRows) and rows.held.G is None  # no held-out Gram was summed
+    assert b.held.rows == a.held.rows > 0 and b.held.yy == pytest.approx(a.held.yy, rel=1e-12)
+    assert torch.equal(a.G, b.G)  # the fitted sums are the same
+    X, Y = torch.cat(held_x), torch.cat(held_y)
+    for keep in ([0, 2, 5], list(range(C))):
+        cols = torch.tensor([c * g + i for c in keep for i in range(g)])
+        for W in (torch.randn(len(cols), outs, dtype=torch.float64), W_true[cols].double()):
+            exact = float((X[:, cols] @ W - Y).pow(2).sum() / Y.pow(2).sum())
+            assert held_error(b.held, keep, W) == pytest.approx(exact, rel=1e-5)
+            assert subset_error(a.held, keep, W) == pytest.approx(exact, rel=1e-2)

@@ -87,7 +87,7 @@ def test_held_out_images_kept_as_maps_measure_the_error_their_sums_did(kw, hw):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 4, **kw)
     sums, maps = (
-        StatsAccumulator(1.0, torch.Generator().manual_seed(3), dense=True, held_maps=m) for m in (0, 1)
+        StatsAccumulator(1.0, torch.Generator().manual_seed(3), dense=True, held_as_data=m) for m in (0, 1)
     )
     with torch.no_grad():
         for _ in range(4):

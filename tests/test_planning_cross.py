@@ -104,7 +104,10 @@ def test_planning_curves_equal_those_with_b_from_the_rows(arch, monkeypatch):
 
     monkeypatch.setattr(planning, "StatsAccumulator", spy)
     gw = planning.planning_curves(model, graph, graph.units, batches, cfg, torch.Generator().manual_seed(0))
-    assert made and all(made)  # every consumer of these models took B from its weights
+    # B from the weights where the rows are at least twice the columns (planning.cross_from_gram);
+    # at 64 px and 48 images some consumers have fewer (ResNet-18's layer4 3x3 convs: 4,608
+    # columns, 192 rows; MobileNetV3's classifier: 576 columns, 48 rows): both routes are taken
+    assert any(made) and not all(made), made
     monkeypatch.setattr(planning, "own_weights", lambda *a: None)
     rows = planning.planning_curves(model, graph, graph.units, batches, cfg, torch.Generator().manual_seed(0))
     assert gw.keys() == rows.keys()

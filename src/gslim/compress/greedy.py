@@ -126,15 +126,16 @@ class _Selection:
                     max_rows(self.cfg, m, u.width),
                     c not in u.concat_before and c not in const,
                 )
-                # (dense: the held-out images kept as maps, their error one conv, HeldMaps)
-                accs[c] = StatsAccumulator(frac, self.gen, shard=self.shard, dense=dense, held_maps=True)
+                # (the held-out share kept as data: a dense consumer's maps, HeldMaps, or the
+                # sampled rows, HeldRows; its error is then one conv or product)
+                accs[c] = StatsAccumulator(frac, self.gen, shard=self.shard, dense=dense, held_as_data=True)
             sample = accs[c].draw(row_count(m, out), out.shape[0])
             pending[c] = (sample, batch_targets(m, out, sample))
 
         def pre(m, args, c):
             if c in kept:
                 sample, Y = next(kept[c])
-                accs.setdefault(c, StatsAccumulator(1.0, self.gen, shard=self.shard, held_maps=True))
+                accs.setdefault(c, StatsAccumulator(1.0, self.gen, shard=self.shard, held_as_data=True))
             else:
                 sample, Y = pending.pop(c)
             if c in self.kept_rows:

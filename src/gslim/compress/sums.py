@@ -17,7 +17,7 @@ from gslim.compress.dense_stats import (
     explicit_padding,
     mirror_offsets,
 )
-from gslim.compress.omp import Stats, subset_error
+from gslim.compress.omp import Stats, group_columns, subset_error
 from gslim.compress.shard import SINGLE, ExactSum, Shard
 from gslim.errors import GslimError
 
@@ -47,8 +47,9 @@ class StatsAccumulator:
     ``cross_weights`` (F x O, float64): weights W with Y = X W on every row added, which holds
     where Y is the consumer's own output on the same input (the planning pass). B = G W is then
     formed once from the summed G, not from the rows of each batch: one F x F x O product in
-    place of a rows x F x O one (rows is at least 16 F) or a backward-weight conv over every
-    position, and exact where the rows' float32 product was rounded.
+    place of a rows x F x O one or a backward-weight conv over every position (the planning pass
+    passes W where that is the cheaper: :func:`gslim.compress.planning.cross_from_gram`), and
+    exact where the rows' float32 product was rounded.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class StatsAccumulator:
         shard: Optional[Shard] = None,
         dense: bool = False,
         cross_weights: Optional[torch.Tensor] = None,
-        held_maps: bool = False,
+        held_as_data: bool = False,
     ):
         self.fraction, self.holdout, self.dense = fraction, holdout, dense
         self.cross_weights = cross_weights
@@ -68,9 +69,10 @@ class StatsAccumulator:
         self.batches = 0  # batches drawn so far on this rank
         self.fit = _Sums()
         self.held = _Sums()
-        # ``held_maps``: add_dense keeps the held-out images as maps, not as sums (HeldMaps)
-        self.held_maps: Optional[HeldMaps] = None
-        self.keep_held_maps = held_maps
+        # ``held_as_data``: the held-out share is kept as it is, not as sums: a dense consumer's
+        # images as maps (HeldMaps), a sampled one's rows (HeldRows)
+        self.held_data: Optional["HeldMaps | HeldRows"] = None
+        self.held_as_data = held_as_data
         self.reduced = False
 
     def draw(self, n: int, images: int = 1) -> Sample:
@@ -98,7 +100,13 @@ class StatsAccumulator:
             return
         held = held.to(X.device)
         self.fit.add(X[~held], Y[~held], cross)
-        self.held.add(X[held], Y[held], cross)
+        if not self.held_as_data:
+            self.held.add(X[held], Y[held], cross)
+            return
+        if self.held_data is None:
+            self.held_data = HeldRows(self.shard)
+        if bool(held.any()):  # (one read of a small mask per batch)
+            self.held_data.add(X[held], Y[held])
 
     def add_dense(
         self, mod: nn.Conv2d, x: torch.Tensor, Y: torch.Tensor, held: Optional[torch.Tensor]
@@ -113,12 +121,12 @@ class StatsAccumulator:
         if held is None:
             add(self.fit, x, Y)
             return
-        if self.keep_held_maps:
+        if self.held_as_data:
             mask = held.to(x.device)
-            if self.held_maps is None:
-                self.held_maps = HeldMaps(mod, self.shard)
+            if self.held_data is None:
+                self.held_data = HeldMaps(mod, self.shard)
             if bool(mask.any()):  # (one read of a small mask per batch)
-                self.held_maps.add(x[mask], Y[mask])
+                self.held_data.add(x[mask], Y[mask])
             add(self.fit, x[~mask], Y[~mask])  # (draw fits at least one image of every batch)
             return
         for sums, mask in ((self.fit, ~held), (self.held, held)):
@@ -141,12 +149,12 @@ class StatsAccumulator:
                     sums.reduce(self.shard)
                     if self.cross_weights is not None:  # (after the all-reduce: every rank the same)
                         sums.B = sums.G @ self.cross_weights.to(sums.G.device, sums.G.dtype)
-            if self.held_maps is not None:
-                self.held_maps.reduce()
+            if self.held_data is not None:
+                self.held_data.reduce()
             self.reduced = True
         held = None
-        if self.held_maps is not None and self.held_maps.rows > 0:
-            held = self.held_maps
+        if self.held_data is not None and self.held_data.rows > 0:
+            held = self.held_data.with_group(group)
         elif self.held.G is not None and self.held.rows > 0:
             h = self.held
             held = Stats(h.G, h.B, float(h.yy), group, h.rows)
@@ -283,6 +291,9 @@ class HeldMaps:
         self.yy = float(self._yy)
         self.rows = int(self.shard.sum_numbers([float(self.rows)])[0])
 
+    def with_group(self, group: int) -> "HeldMaps":
+        return self  # (its columns are the conv's own: channel-major, k*k each)
+
     def error(self, keep: Sequence[int], W: torch.Tensor) -> float:
         """Relative error on the held-out images of consumer weights ``W`` (regression layout:
         rows for ``keep``'s channels, k*k each, as :func:`gslim.compress.omp.refit` returns them).
@@ -300,7 +311,61 @@ class HeldMaps:
         return max(float(total), 0.0) / (self.yy or 1.0)
 
 
+class HeldRows:
+    """A sampled consumer's held-out rows as they are: features X (rows x F) and targets Y
+    (rows x O), float32, batch by batch.
+
+    As with :class:`HeldMaps`, they only answer the error of given weights, here
+    sum ||X[:, keep] W - Y||^2: one rows x k x O product per question, where sums cost a
+    rows x F x F Gram per batch and a k x k x O float64 product per question (wide_resnet50_2 at
+    64 px: 9,216-column Grams of a few hundred rows), and the residual's own sum of squares does
+    not cancel the way ``yy - 2 <W, B> + <W, G W>`` does. Memory: at most 16 rows per unknown
+    are sampled and a fifth held out, so at most about 1.6x the sums' F x (F + O) float64 -- and
+    no F x F held-out Gram in memory at all."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self.group = 1  # columns per channel (set by with_group once the sums are complete)
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._yy = ExactSum()
+        self._yy.add(torch.zeros((), dtype=torch.float64))  # (every rank adds a term: exact_sum_)
+        self.rows = 0
+        self.yy = 0.0
+
+    def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        self.batches.append((X.float(), Y.float()))
+        self._yy.add(Y.double().pow(2).sum())
+        self.rows += X.shape[0]
+
+    def reduce(self) -> None:
+        """Sum ||Y||^2 and the row count across ranks (once, as the fitted sums are)."""
+        self.shard.exact_sum_(self._yy)
+        self.yy = float(self._yy)
+        self.rows = int(self.shard.sum_numbers([float(self.rows)])[0])
+
+    def with_group(self, group: int) -> "HeldRows":
+        self.group = group
+        return self
+
+    def error(self, keep: Sequence[int], W: torch.Tensor) -> float:
+        """Relative error on the held-out rows of consumer weights ``W`` (rows for ``keep``'s
+        columns, ``group`` each, as :func:`gslim.compress.omp.refit` returns them). Every rank
+        must call it (the error is summed across ranks)."""
+        total = ExactSum()
+        total.add(torch.zeros((), dtype=torch.float64))
+        if self.batches:
+            X0 = self.batches[0][0]
+            cols = group_columns(list(keep), self.group, X0.device)
+            w = W.to(X0.device, torch.float32)
+            for X, Y in self.batches:
+                total.add((X.index_select(1, cols) @ w - Y).double().pow(2).sum())
+        self.shard.exact_sum_(total)
+        return max(float(total), 0.0) / (self.yy or 1.0)
+
+
 def held_error(held, keep: Sequence[int], W: torch.Tensor) -> float:
     """The relative error of consumer weights ``W`` on held-out rows: kept as sums (a
-    :class:`gslim.compress.omp.Stats`) or as maps (:class:`HeldMaps`)."""
-    return held.error(keep, W) if isinstance(held, HeldMaps) else subset_error(held, list(keep), W)
+    :class:`gslim.compress.omp.Stats`), as maps (:class:`HeldMaps`) or as rows (:class:`HeldRows`)."""
+    if isinstance(held, (HeldMaps, HeldRows)):
+        return held.error(keep, W)
+    return subset_error(held, list(keep), W)
