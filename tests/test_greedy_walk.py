@@ -64,11 +64,25 @@ def _plain_chain() -> torch.nn.Module:
     return model
 
 
+def _small_densenet() -> torch.nn.Module:
+    """DenseNet's graph (every layer's output a unit read inside the later concatenations), small."""
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(
+        growth_rate=8, block_config=(3, 3), num_init_features=16, bn_size=2, num_classes=10
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
 def _build(arch: str) -> torch.nn.Module:
-    return _plain_chain() if arch == "plain_chain" else _model(arch)
+    return {"plain_chain": _plain_chain, "densenet": _small_densenet}.get(arch, lambda: _model(arch))()
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18", "mobilenet_v2", "plain_chain"])
+@pytest.mark.parametrize(
+    "arch", ["mobilenet_v3_small", "resnet18", "mobilenet_v2", "plain_chain", "densenet"]
+)
 def test_resuming_from_the_consumer_selects_what_a_full_rerun_selects(arch, monkeypatch):
     x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
@@ -81,10 +95,12 @@ def test_resuming_from_the_consumer_selects_what_a_full_rerun_selects(arch, monk
         torch.testing.assert_close(fast.model(x[:8]), slow.model(x[:8]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["plain_chain", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["plain_chain", "mobilenet_v2", "densenet"])
 def test_a_chain_of_units_in_one_segment_runs_each_layer_once_in_the_walk(arch):
     # plain_chain: four units, one segment; MobileNetV2: the stem, features.1 and features.2's
-    # expansion are three chained units. Each unit's pass resumes where the previous one stopped.
+    # expansion are three chained units; DenseNet: the stem and the first dense block are one
+    # segment, its layers' outputs units read inside every later concatenation (their passes
+    # resume before the concatenation). Each unit's pass resumes where the previous one stopped.
     model = _build(arch)
     stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     images = []

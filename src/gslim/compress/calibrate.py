@@ -94,8 +94,17 @@ def split_segment(seg: fx.GraphModule, at: str) -> Optional[SegmentTail]:
     """Split ``seg`` before its ``call_module`` node of module ``at`` (None: no such node)."""
     nodes = list(seg.graph.nodes)
     cut = next((i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == at), None)
-    if cut is None:
-        return None
+    return None if cut is None else _split(seg, nodes, cut)
+
+
+def split_before_node(seg: fx.GraphModule, name: str) -> Optional[SegmentTail]:
+    """Split ``seg`` before its node named ``name`` (None: no such node)."""
+    nodes = list(seg.graph.nodes)
+    cut = next((i for i, n in enumerate(nodes) if n.name == name and n.op != "placeholder"), None)
+    return None if cut is None else _split(seg, nodes, cut)
+
+
+def _split(seg: fx.GraphModule, nodes: list[fx.Node], cut: int) -> SegmentTail:
     later = set(nodes[cut:])
     # get_attr values are recreated in the tail (after surgery they must be the new tensors)
     live = [n for n in nodes[:cut] if n.op != "get_attr" and any(u in later for u in n.users)]

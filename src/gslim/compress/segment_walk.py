@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from gslim.compress.calibrate import SegmentTail, split_segment
+from gslim.compress.calibrate import SegmentTail, split_before_node, split_segment
 from gslim.compress.fast_passes import channels_selected
 from gslim.compress.units import Unit, UnitGraph
 
@@ -217,22 +217,35 @@ class SegmentWalk:
         return orig, work
 
     def _split_for(self, u: Unit) -> Optional[SegmentTail]:
-        """Where ``u``'s pass stops keeping values: before its first consumer, in the module the
-        chain resumes from (checked first), or else in the whole segment. None for a unit read
-        inside a concatenation (its consumers' inputs hold other units' channels): its pass
-        runs from the segment's input, and so does the next one."""
-        if u.concat_before:
-            self._restart()
-            return None
-        first = self._first_consumer(u)
+        """Where ``u``'s pass stops keeping values, in the module the chain resumes from
+        (checked first), or else in the whole segment: before its first consumer; for a unit
+        read inside a concatenation (DenseNet's layer outputs, an Inception branch), whose
+        consumers' inputs hold other units' channels too, before the first op that mixes its
+        values with others (the concatenation), where its own values are still apart. None: no
+        such place; the pass runs from the segment's input, and so does the next one."""
         # (here, not in the pass: there the statistics hooks are set and would see the check images)
         if self.module is not self.wseg and not self._agrees(self.module(*self._few(self.inputs[0]))):
             self._restart()
-        split = split_segment(self.module, first)
+        split = self._split_in(self.module, u)
         if split is None and self.module is not self.wseg:
             self._restart()
-            split = split_segment(self.wseg, first)
+            split = self._split_in(self.wseg, u)
         return split
+
+    def _split_in(self, module: fx.GraphModule, u: Unit) -> Optional[SegmentTail]:
+        if not u.concat_before:
+            return split_segment(module, self._first_consumer(u))
+        mixer = next(
+            (
+                n.name
+                for n in module.graph.nodes
+                if n.op not in ("placeholder", "output")
+                and n.name not in u.values
+                and any(a.name in u.values for a in n.all_input_nodes)
+            ),
+            None,
+        )
+        return split_before_node(module, mixer) if mixer is not None else None
 
     def _few(self, values: tuple) -> tuple:
         """The check images' share of one batch's chain values (a tensor whose first dimension is
@@ -257,7 +270,11 @@ class SegmentWalk:
         return False
 
     def _consumer_inputs(self, u: Unit, split: SegmentTail) -> list[tuple[int, int]]:
-        """The values kept at ``split`` that ``u``'s consumers read, with their channel dimension."""
+        """The values kept at ``split`` that ``u``'s surgery narrows, with their channel dimension:
+        those its consumers read, or for a unit read inside a concatenation (split before the
+        concatenation) its own values."""
+        if u.concat_before:
+            return [(i, 1) for i, name in enumerate(split.live) if name in u.values]
         consumer_args = {  # a Linear reads its channels last: (N, C) or a channels-last map
             n.args[0]: -1 if isinstance(self.wseg.get_submodule(n.target), nn.Linear) else 1
             for n in split.tail.graph.nodes
