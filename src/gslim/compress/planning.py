@@ -238,7 +238,8 @@ def cross_from_gram(columns: int, rows: float) -> bool:
     float64) rather than summing each batch's X^T Y (rows x F x O in float32, about half a
     float64 term's time): where the rows are at least twice the columns. A wide layer at a small
     resolution has far fewer (wide_resnet50_2 at 64 px, 48 images: 192 rows for a 3 x 3
-    consumer's 9,216 columns, whose G W took 1.3 s where the rows' products take 0.01 s)."""
+    consumer's 9,216 columns and 1,024 outputs; two threads, its G W 0.9 s, the rows' X^T Y
+    0.03 s)."""
     return rows >= 2 * columns
 
 
