@@ -140,6 +140,69 @@ def test_bn_recalibration_is_exact_pooled_statistics_in_eval_mode():
     assert torch.equal(stats, model.bn1d.running_mean)
 
 
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+
+
+def _scrambled_statistics(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 2)
+            m.running_var.uniform_(0.1, 5)
+    return model
+
+
+def test_bn_recalibration_is_undone_where_the_slim_model_then_agrees_less_with_the_original():
+    """Re-estimated statistics that make the slim model's top-1 agree with the original's on
+    clearly fewer calibration images (a poor fit re-normalised away) are undone; statistics
+    that bring it back to the original are kept."""
+    from gslim.compress.bn_recalib import recalibrate_bn_checked
+
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    batches = list(x.split(16))
+    # the original's statistics are not its calibration images': re-estimating them in an
+    # identical copy moves its predictions away from the original's
+    original = _scrambled_statistics(_classifier())
+    slim = copy.deepcopy(original)
+    info = recalibrate_bn_checked(original, slim, batches)
+    assert not info["applied"] and info["top1_agreement_without"] == 1.0 > info["top1_agreement_with"]
+    for a, b in zip(slim.modules(), original.modules()):
+        if isinstance(a, nn.BatchNorm2d):
+            assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    # the original's statistics are its images'; a copy that lost them gets them back
+    original = _classifier()
+    recalibrate_bn(original, batches)
+    slim = _scrambled_statistics(copy.deepcopy(original))
+    info = recalibrate_bn_checked(original, slim, batches)
+    assert info["applied"] and info["top1_agreement_with"] == 1.0 > info["top1_agreement_without"]
+    with torch.no_grad():
+        assert torch.allclose(slim(x), original(x), atol=1e-4)
+
+
+def test_compress_reports_its_batchnorm_recalibration_check():
+    model = _classifier()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    recalibrate_bn(model, list(x.split(16)))
+    res = compress_model(model, 8, x, None, CompressConfig(target_macs=0.6, round_to=4, min_width=4))
+    info = res.to_json()["bn_recalib"]
+    assert info["checked"] and info["images"] == 64 and isinstance(info["applied"], bool)
+    assert (
+        compress_model(model, 8, x, None, CompressConfig(target_macs=0.6, bn_recalib=False)).bn_recalib
+        is None
+    )
+
+
 class Head(nn.Module):
     """A wide hidden Linear read by the classifier: one regression row per image."""
 
@@ -273,3 +336,18 @@ def test_per_channel_parameters_are_never_left_unsliced():
     r = compress_model(model, 8, torch.randn(32, 3, 8, 8), None, CompressConfig(eps=0.5, bn_recalib=False))
     with torch.no_grad():
         assert r.model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_the_selection_table_says_when_the_recalibration_was_undone(capsys):
+    from gslim.commands.compress import print_selection_table
+
+    summary = {
+        "arch": "m", "criterion": "greedy", "units": [], "macs_before": 10, "macs_after": 5, "macs_fraction": 0.5,
+        "params_before": 4, "params_after": 2, "params_fraction": 0.5, "seconds": 1.0,
+        "bn_recalib": {"applied": False, "checked": True, "images": 128,
+                       "top1_agreement_without": 0.921875, "top1_agreement_with": 0.3125},
+        "paths": {"model": "slim.pt", "selection": "selection.json"},
+    }  # fmt: skip
+    print_selection_table(summary)
+    out = " ".join(capsys.readouterr().out.split())  # (the console wraps long lines)
+    assert "re-calibration undone" in out and "92.2% of 128" in out and "31.2% with" in out

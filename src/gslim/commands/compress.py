@@ -36,6 +36,14 @@ def print_selection_table(summary: dict[str, Any]) -> None:
     )
     if summary.get("eps") is not None:
         con.print(f"eps = {summary['eps']:.3g}")
+    recal = summary.get("bn_recalib") or {}
+    if recal.get("checked") and not recal.get("applied"):
+        con.print(
+            f"BatchNorm re-calibration undone: the slim model's top-1 agreed with the original's on "
+            f"{100 * recal['top1_agreement_without']:.1f}% of {recal['images']} calibration images without it, "
+            f"{100 * recal['top1_agreement_with']:.1f}% with it (more calibration images make the re-fit reliable)",
+            markup=False,
+        )
     lat = summary.get("latency")
     if lat:
         err = 100 * lat["prediction_error"]

@@ -36,10 +36,8 @@ import torch
 from torch import nn
 
 from gslim.compress import budget as budget_mod
-from gslim.compress.calibrate import (
-    recalibrate_bn,
-    split_batches,
-)
+from gslim.compress.bn_recalib import recalibrate_bn_checked
+from gslim.compress.calibrate import split_batches
 from gslim.compress.fast_passes import foldable_pairs, folded_batchnorm, statistics_layout
 from gslim.compress.greedy import run_greedy, walk_cut_layers
 from gslim.compress.greedy_loss import run_greedy_loss
@@ -67,6 +65,7 @@ class CompressionResult:
     seconds: float
     calib_images: int
     curves: Optional[dict[str, list[float]]] = None  # the planning curves (reusable by a later round)
+    bn_recalib: Optional[dict] = None  # the BatchNorm re-calibration's check (None: not asked for)
 
     def to_json(self) -> dict:
         return {
@@ -76,6 +75,7 @@ class CompressionResult:
             "budget": self.budget,
             "seconds": round(self.seconds, 3),
             "calib_images": self.calib_images,
+            "bn_recalib": self.bn_recalib,
             "widths": self.widths,
             "units": [asdict(u) for u in self.units],
             "left_alone": [{"channels": d, "reason": r} for d, r in self.skipped],
@@ -207,8 +207,7 @@ def compress_model(
         reports = criterion.select(run)
     del run, targets  # (the kept targets can be large)
 
-    if cfg.bn_recalib:
-        recalibrate_bn(work, batches, shard)
+    bn_recalib = recalibrate_bn_checked(original, work, batches, shard) if cfg.bn_recalib else None
     narrowed = {u.name: u.width for u in units if u.width < full[u.name]}
     return CompressionResult(
         model=work.eval(),
@@ -222,6 +221,7 @@ def compress_model(
         seconds=time.perf_counter() - t0,
         calib_images=int(calib_x.shape[0]),
         curves=curves,
+        bn_recalib=bn_recalib,
     )
 
 
