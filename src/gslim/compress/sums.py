@@ -71,7 +71,7 @@ class StatsAccumulator:
         self.held = _Sums()
         # ``held_as_data``: the held-out share is kept as it is, not as sums: a dense consumer's
         # images as maps (HeldMaps), a sampled one's rows (HeldRows)
-        self.held_data: Optional["HeldMaps | HeldRows"] = None
+        self.held_data: Optional[_HeldOut] = None
         self.held_as_data = held_as_data
         self.reduced = False
 
@@ -259,7 +259,40 @@ class _Sums:
         self.rows = int(shard.sum_numbers([float(self.rows)])[0])
 
 
-class HeldMaps:
+class _HeldOut:
+    """A held-out share kept as data (:class:`HeldMaps`, :class:`HeldRows`): its targets' energy
+    ||Y||^2 and row count, summed across ranks once (:meth:`reduce`), and the error of given
+    weights as the residual's own sum of squares, summed exactly across ranks."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self._yy = _started_sum()
+        self.rows = 0
+        self.yy = 0.0
+
+    def _count(self, Y: torch.Tensor, rows: int) -> None:
+        self._yy.add(Y.double().pow(2).sum())
+        self.rows += rows
+
+    def reduce(self) -> None:
+        """Sum ||Y||^2 and the row count across ranks (once, as the fitted sums are)."""
+        self.shard.exact_sum_(self._yy)
+        self.yy = float(self._yy)
+        self.rows = int(self.shard.sum_numbers([float(self.rows)])[0])
+
+    def _relative(self, residual: ExactSum) -> float:
+        """The residual's sum of squares across ranks, relative to the targets' energy."""
+        self.shard.exact_sum_(residual)
+        return max(float(residual), 0.0) / (self.yy or 1.0)
+
+
+def _started_sum() -> ExactSum:
+    total = ExactSum()
+    total.add(torch.zeros((), dtype=torch.float64))  # (every rank adds a term: exact_sum_)
+    return total
+
+
+class HeldMaps(_HeldOut):
     """A dense consumer's held-out images as they are: its input maps and its target maps.
 
     The held-out rows only ever answer one question, the error of given weights on them (the
@@ -271,25 +304,14 @@ class HeldMaps:
     where dense statistics are taken (late, small maps)."""
 
     def __init__(self, mod: nn.Conv2d, shard: Shard):
+        super().__init__(shard)
         self.pad = explicit_padding(mod)
         self.dilation, self.kernel = tuple(mod.dilation), tuple(mod.kernel_size)
-        self.shard = shard
         self.maps: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._yy = ExactSum()
-        self._yy.add(torch.zeros((), dtype=torch.float64))  # (every rank adds a term: exact_sum_)
-        self.rows = 0
-        self.yy = 0.0
 
     def add(self, x: torch.Tensor, Y: torch.Tensor) -> None:
         self.maps.append((x, Y))
-        self._yy.add(Y.double().pow(2).sum())
-        self.rows += Y.numel() // Y.shape[1]
-
-    def reduce(self) -> None:
-        """Sum ||Y||^2 and the row count across ranks (once, as the fitted sums are)."""
-        self.shard.exact_sum_(self._yy)
-        self.yy = float(self._yy)
-        self.rows = int(self.shard.sum_numbers([float(self.rows)])[0])
+        self._count(Y, Y.numel() // Y.shape[1])
 
     def with_group(self, group: int) -> "HeldMaps":
         return self  # (its columns are the conv's own: channel-major, k*k each)
@@ -298,8 +320,7 @@ class HeldMaps:
         """Relative error on the held-out images of consumer weights ``W`` (regression layout:
         rows for ``keep``'s channels, k*k each, as :func:`gslim.compress.omp.refit` returns them).
         Every rank must call it (the error is summed across ranks)."""
-        total = ExactSum()
-        total.add(torch.zeros((), dtype=torch.float64))
+        total = _started_sum()
         if self.maps:
             x0 = self.maps[0][0]
             idx = torch.as_tensor(list(keep), dtype=torch.long, device=x0.device)
@@ -307,11 +328,10 @@ class HeldMaps:
             for x, Y in self.maps:
                 out = F.conv2d(F.pad(x.index_select(1, idx).float(), self.pad), w, dilation=self.dilation)
                 total.add((out - Y.float()).double().pow(2).sum())
-        self.shard.exact_sum_(total)
-        return max(float(total), 0.0) / (self.yy or 1.0)
+        return self._relative(total)
 
 
-class HeldRows:
+class HeldRows(_HeldOut):
     """A sampled consumer's held-out rows as they are: features X (rows x F) and targets Y
     (rows x O), float32, batch by batch.
 
@@ -324,24 +344,13 @@ class HeldRows:
     no F x F held-out Gram in memory at all."""
 
     def __init__(self, shard: Shard):
-        self.shard = shard
+        super().__init__(shard)
         self.group = 1  # columns per channel (set by with_group once the sums are complete)
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._yy = ExactSum()
-        self._yy.add(torch.zeros((), dtype=torch.float64))  # (every rank adds a term: exact_sum_)
-        self.rows = 0
-        self.yy = 0.0
 
     def add(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         self.batches.append((X.float(), Y.float()))
-        self._yy.add(Y.double().pow(2).sum())
-        self.rows += X.shape[0]
-
-    def reduce(self) -> None:
-        """Sum ||Y||^2 and the row count across ranks (once, as the fitted sums are)."""
-        self.shard.exact_sum_(self._yy)
-        self.yy = float(self._yy)
-        self.rows = int(self.shard.sum_numbers([float(self.rows)])[0])
+        self._count(Y, X.shape[0])
 
     def with_group(self, group: int) -> "HeldRows":
         self.group = group
@@ -351,21 +360,19 @@ class HeldRows:
         """Relative error on the held-out rows of consumer weights ``W`` (rows for ``keep``'s
         columns, ``group`` each, as :func:`gslim.compress.omp.refit` returns them). Every rank
         must call it (the error is summed across ranks)."""
-        total = ExactSum()
-        total.add(torch.zeros((), dtype=torch.float64))
+        total = _started_sum()
         if self.batches:
             X0 = self.batches[0][0]
             cols = group_columns(list(keep), self.group, X0.device)
             w = W.to(X0.device, torch.float32)
             for X, Y in self.batches:
                 total.add((X.index_select(1, cols) @ w - Y).double().pow(2).sum())
-        self.shard.exact_sum_(total)
-        return max(float(total), 0.0) / (self.yy or 1.0)
+        return self._relative(total)
 
 
 def held_error(held, keep: Sequence[int], W: torch.Tensor) -> float:
     """The relative error of consumer weights ``W`` on held-out rows: kept as sums (a
     :class:`gslim.compress.omp.Stats`), as maps (:class:`HeldMaps`) or as rows (:class:`HeldRows`)."""
-    if isinstance(held, (HeldMaps, HeldRows)):
+    if isinstance(held, _HeldOut):
         return held.error(keep, W)
     return subset_error(held, list(keep), W)
