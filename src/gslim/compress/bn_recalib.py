@@ -129,10 +129,11 @@ def recalibrate_bn_checked(
     ]
     before = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns}
     reference = [_top1(original(x)) for x in check]
+    if any(r is None for r in reference):
+        recalibrate_bn(model, batches, shard)
+        return {"applied": True, "checked": False}
     agree_before = _agreement(model, check, reference)
     recalibrate_bn(model, batches, shard)
-    if any(r is None for r in reference):
-        return {"applied": True, "checked": False}
     agree_after = _agreement(model, check, reference)
     n = sum(int(x.shape[0]) for x in check)
     agree_before, agree_after, n = shard.sum_numbers([agree_before, agree_after, float(n)])
@@ -165,7 +166,5 @@ def _top1(y) -> Optional[torch.Tensor]:
     return y.argmax(1) if isinstance(y, torch.Tensor) and y.dim() == 2 else None
 
 
-def _agreement(model: nn.Module, check: list[torch.Tensor], reference: list) -> float:
-    if any(r is None for r in reference):
-        return 0.0
+def _agreement(model: nn.Module, check: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     return float(sum(int((model(x).argmax(1) == r).sum()) for x, r in zip(check, reference)))
