@@ -128,6 +128,25 @@ def test_selection_phases_tiny():
     assert kernel >= 0 and peak_mb > 50
 
 
+def test_selection_memory_tiny():
+    """benchmarks/selection_memory.py meters the heap phase by phase: the planning pass and the
+    walk's segments each get a row, the memory in use never exceeds the heap, a phase's peak is at
+    least what is in use at its end, and the phases' growth adds up to the selection's."""
+    args = ["--arch", "mobilenet_v2", "--images", "8", "--size", "32", "--threads", "1"]
+    proc = _run(["benchmarks/selection_memory.py", *args], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in proc.stdout.splitlines() if r.startswith("| ")]
+    body = {r[0]: r[1:] for r in rows[1:]}  # (rows[0]: the header)
+    assert "planning pass" in body and any(p.startswith("walk segment") for p in body)
+    phases = [v for p, v in body.items() if p != "**selection**"]
+    for seconds, kernel, _grew, pages, heap, in_use, free, peak in ((float(x) for x in v) for v in phases):
+        assert min(seconds, kernel, pages) >= 0 and 0 <= in_use <= heap and peak >= in_use - 1
+        assert abs(heap - in_use - free) <= 1  # (each rounded to a MB)
+    total = body["**selection**"]
+    assert abs(sum(float(v[2]) for v in phases) - float(total[2])) <= len(phases)
+    assert float(total[7]) >= max(float(v[7]) for v in phases) - 1
+
+
 def test_selection_speed_tiny(tmp_path):
     js = tmp_path / "speed.json"
     proc = _run(
@@ -329,3 +348,11 @@ def test_dense_stats_tiny():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in proc.stdout.splitlines() if r.startswith("| ") and " ch, " in r]
     assert len(rows) == 4 and all(float(c) > 0 for r in rows for c in r.strip("| ").split("|")[1:])
+
+
+def test_selection_memory_first_touch_times_each_fresh_gib():
+    proc = _run(["benchmarks/selection_memory.py", "--first-touch", "2"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r.split("|")[1:-1] for r in proc.stdout.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    assert all(float(r[1]) >= 0 and float(r[2]) > 0 for r in rows)
