@@ -163,3 +163,105 @@ def test_the_fold_leaves_out_exactly_the_convs_whose_output_ends_a_walk_segment(
     assert ends <= walk_cut_layers(graph) <= ends | {str(nodes[segments[-1].end].target)}
     if arch == "resnet18":
         assert ("conv1", "bn1") in foldable_pairs(graph.traced) and "conv1" not in ends
+
+
+class _Residuals(nn.Module):
+    """Residual sums FX records as ``a + b``: one whose conv-BN operand only the sum reads (it
+    may take the sum), one whose BN output is read again after it, one of two placeholders' worth
+    (the input and a ReLU, which returns its input), and a conv's output that a sum broadcasts
+    to a larger shape (the rewrite's guard then computes it out of place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.pool = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) + x  # the BN's output (a folded conv's) is read by the sum alone
+        z = self.bn2(self.conv2(y))
+        w = z + y  # z is read again below: not reused
+        v = w + torch.relu(w)  # neither operand is a conv's or BN's output
+        g = self.pool(v.mean((2, 3), keepdim=True))  # (N, 4, 1, 1)
+        return g + v + z  # g broadcasts up to (N, 4, H, W): computed out of place
+
+
+def _reusing(gm) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in fast_passes._REUSING]
+
+
+def test_a_residual_sum_is_written_into_a_conv_output_only_it_reads_and_computes_the_same_bits():
+    torch.manual_seed(0)
+    model = _Residuals().eval()
+    plain, rewritten = (
+        torch.fx.symbolic_trace(model),
+        fast_passes.reuse_add_operands(torch.fx.symbolic_trace(model)),
+    )
+    # the first sum, and the broadcast one (whose guard computes it out of place: shapes differ)
+    assert _reusing(rewritten) == ["add", "add_3"]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        outs = []
+        for gm in (plain, rewritten):  # folded: the BN returns its conv's output, which takes the sum
+            with folded_batchnorm([gm], foldable_pairs(gm)):
+                outs.append(gm(x.clone()))
+        assert torch.equal(outs[1], outs[0])  # bit for bit
+        seen = []  # (a hook on the BN: unfolded, its own output takes the sum)
+        handle = model.bn.register_forward_hook(lambda m, a, out: seen.append(out.data_ptr()))
+        try:
+            first_sum = fast_passes.reuse_add_operands(_first_sum(model))
+            out = first_sum(x.clone())
+        finally:
+            handle.remove()
+        assert out.data_ptr() == seen[0]
+        assert torch.equal(out, model.bn(model.conv(x)) + x)
+
+
+def _first_sum(model: _Residuals) -> torch.fx.GraphModule:
+    """The graph of :class:`_Residuals` up to its first sum."""
+    gm = torch.fx.symbolic_trace(model)
+    first = next(n for n in gm.graph.nodes if n.name == "add")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (first,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def test_a_split_does_not_write_into_a_value_the_cut_keeps():
+    """Split right after the BN, the sum's operand is a placeholder of the tail -- a value the walk
+    keeps for its next pass -- and the tail's sum goes back to a new tensor."""
+    from gslim.compress.calibrate import split_before_node
+
+    torch.manual_seed(0)
+    model = _Residuals().eval()
+    gm = fast_passes.reuse_add_operands(torch.fx.symbolic_trace(model))
+    assert fast_passes.reuses_add_operands(gm)
+    split = split_before_node(gm, "add")
+    assert "bn" in split.live and "add" not in _reusing(split.tail) and "add" in _reusing(gm)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        live = split.head(x.clone())
+        kept = [v.clone() for v in live]
+        out = split.tail(*live)
+        assert all(torch.equal(a, b) for a, b in zip(live, kept))  # the kept values are as they were
+        assert torch.equal(out, gm(x.clone()))
+
+
+def test_the_walk_reusing_sums_selects_what_it_selects_with_plain_sums(monkeypatch):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig(criterion="greedy", target_macs=0.5, round_to=8, bn_recalib=False)
+
+    def run():
+        res = compress_model(model, 32, x, None, cfg, seed=0, batch_size=16)
+        return res, {u.name: list(u.order) for u in res.units}
+
+    reusing, reusing_orders = run()
+    monkeypatch.setattr("gslim.compress.greedy.reuse_add_operands", lambda gm: gm)
+    monkeypatch.setattr("gslim.compress.calibrate.reuses_add_operands", lambda gm: False)
+    plain, plain_orders = run()
+    assert reusing.widths == plain.widths and reusing_orders == plain_orders
+    for (name, a), (_, b) in zip(reusing.model.state_dict().items(), plain.model.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -21,6 +21,7 @@ from torch import nn
 
 from gslim.compress.bn_recalib import recalibrate_bn  # noqa: F401 - its long-standing import path
 from gslim.compress.dense_stats import explicit_padding, prefer_dense
+from gslim.compress.fast_passes import reuse_add_operands, reuses_add_operands
 from gslim.compress.slim import column_offset
 
 # the sums live in their own module; their long-standing import path is this one
@@ -121,7 +122,10 @@ def _split(seg: fx.GraphModule, nodes: list[fx.Node], cut: int) -> SegmentTail:
     for n in nodes[cut:]:
         tenv[n] = tail.node_copy(n, lambda m: tenv[m])
     root = seg
-    return SegmentTail(fx.GraphModule(root, head), fx.GraphModule(root, tail), [n.name for n in live])
+    parts = fx.GraphModule(root, head), fx.GraphModule(root, tail)
+    if reuses_add_operands(seg):  # (re-decided per part: a value the cut keeps is not reused)
+        parts = tuple(reuse_add_operands(p) for p in parts)
+    return SegmentTail(*parts, [n.name for n in live])
 
 
 def unit_span(unit: Unit, node_index: dict[str, int], call_node: dict[str, str]) -> tuple[int, int]:

@@ -13,7 +13,10 @@ rewrites make them cheaper without changing what is computed beyond float roundi
 - on a CPU the calibration images are laid out channels-last: oneDNN's convolutions (depthwise
   and 1x1 above all) run faster on it, and the layout follows the input through the network;
   a folded BatchNorm is then no separate pass over a channels-last map, which was slower than
-  over a planar one.
+  over a planar one;
+- in the walk's traced segments a residual sum is written into the conv's (or BatchNorm's)
+  output it adds, where nothing else reads that output (:func:`reuse_add_operands`), as the
+  eager ``out += identity`` does: FX records it as ``out + identity``.
 
 One pass over 256 images at 224 px, two threads, as built -> rewritten (every pair folded;
 ``benchmarks/selection_phases.py``, its "forward s" and "rewritten pass s"): MobileNetV2 3.2 ->
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import operator
 import weakref
 from typing import Iterator, Sequence
 
@@ -139,3 +143,80 @@ def channels_selected(v: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Te
 
 def _channels_last_only(v: torch.Tensor) -> bool:
     return v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+
+
+def _add_into_first(a, b):
+    """``a + b``, written into ``a`` where the result is ``a``'s shape and dtype (bit for bit the
+    same sum; see :func:`reuse_add_operands`)."""
+    return a.add_(b) if _can_take(a, b) else a + b
+
+
+def _add_into_second(a, b):
+    """``a + b``, written into ``b`` where the result is ``b``'s shape and dtype (a float sum is
+    the same in either order)."""
+    return b.add_(a) if _can_take(b, a) else a + b
+
+
+_REUSING = (_add_into_first, _add_into_second)
+
+
+def _can_take(dst, other) -> bool:
+    """Whether ``dst += other`` computes ``dst + other`` in ``dst``'s own memory: no broadcast to a
+    larger shape, no promotion to another dtype, nothing for autograd to keep."""
+    if not isinstance(dst, torch.Tensor) or dst.requires_grad:
+        return False
+    other_shape = other.shape if isinstance(other, torch.Tensor) else ()
+    return (
+        torch.broadcast_shapes(dst.shape, other_shape) == dst.shape
+        and torch.result_type(dst, other) == dst.dtype
+    )
+
+
+def _fresh_single_use(node, mods: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s value is a tensor of its own that only the one node reading it reads: a
+    conv's output, or a BatchNorm's -- which, folded into the conv before it, returns that conv's
+    output, and the fold takes a conv whose output nothing else reads (``foldable_pairs``). Not
+    a placeholder: a segment's input or a chain's kept value is read again by a later pass."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != 1:
+        return False
+    mod = mods.get(node.target)
+    if type(mod) is nn.Conv2d:
+        return True
+    if type(mod) is nn.BatchNorm2d:
+        src = node.args[0] if node.args else None
+        return isinstance(src, fx.Node) and src.op != "placeholder" and len(src.users) == 1
+    return False
+
+
+def reuse_add_operands(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``gm``'s two-operand ``operator.add`` nodes to write the sum into an operand that is
+    a conv's or BatchNorm's fresh output read by the sum alone (:func:`_fresh_single_use`), and
+    back to ``operator.add`` where that no longer holds (a graph split from a rewritten one,
+    whose operand is now a placeholder). Returns ``gm``.
+
+    Eager torchvision ResNets add in place (``out += identity``); FX records ``out + identity``,
+    so each residual sum of the walk's segments wrote a new map while the conv's was still alive:
+    at ResNet-50's layer1, 196 MB a batch more, into memory the process had not used (on the
+    2-core VM each such first touch costs up to 7 s a GiB: ``benchmarks/selection_memory.py``).
+    Run without autograd (the walk) or with it (the guard falls back to ``a + b``), the values
+    are the same bit for bit: one float addition per element either way."""
+    mods = dict(gm.named_modules())
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+            continue
+        if node.target is not operator.add and node.target not in _REUSING:
+            continue
+        target = next(
+            (fn for arg, fn in zip(node.args, _REUSING) if _fresh_single_use(arg, mods)), operator.add
+        )
+        if node.target is not target:
+            node.target, changed = target, True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def reuses_add_operands(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` was rewritten by :func:`reuse_add_operands` (so graphs split from it are too)."""
+    return any(n.op == "call_function" and n.target in _REUSING for n in gm.graph.nodes)
